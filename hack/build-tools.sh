@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver, kubectl, etcd and helm from their Go modules at the
+# pinned versions in hack/versions.env, into a cache outside the repository:
+#   ${PORTASSIGN_TOOLS_CACHE:-$HOME/.cache/portassign/tools}/<tool>-<version>/<tool>
+# A tool already in the cache is reused. Prints the bin directory of each tool.
+#
+# Usage: hack/build-tools.sh [kube-apiserver|kubectl|etcd|helm ...]  (default: all)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${PORTASSIGN_TOOLS_CACHE:-$HOME/.cache/portassign/tools}
+mkdir -p "$cache"
+
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
+
+log() { printf '[build-tools] %s\n' "$*" >&2; }
+
+# tool_dir TOOL VERSION -> the cache directory for that tool at that version.
+tool_dir() { printf '%s/%s-%s' "$cache" "$1" "$2"; }
+
+# A wrapper module whose go.mod maps every k8s.io staging module that
+# k8s.io/kubernetes requires at v0.0.0 to the published v0.<minor>.<patch>.
+kubernetes_wrapper() {
+  local dir=$1 version=$2
+  local staging="v0.${version#v1.}"
+  mkdir -p "$dir"
+  ( cd "$dir"
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    [ -f "$gomod" ] || { log "could not download k8s.io/kubernetes@$version go.mod"; exit 1; }
+    {
+      echo "module portassign.local/kubernetes-tools"
+      echo
+      echo "go $(sed -n 's/^go \([0-9.]*\).*/\1/p' "$gomod")"
+      echo
+      echo "require k8s.io/kubernetes $version"
+      echo
+      awk -v v="$staging" '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" { printf "replace %s => %s %s\n", $1, $1, v }' "$gomod" | sort -u
+    } > go.mod
+    cat > tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+    go mod tidy >&2
+  )
+}
+
+build_kubernetes_tool() {
+  local tool=$1 out
+  out=$(tool_dir "$tool" "$KUBERNETES_VERSION")
+  [ -x "$out/$tool" ] && { echo "$out"; return; }
+  local wrap="$cache/src/kubernetes-$KUBERNETES_VERSION"
+  [ -f "$wrap/go.sum" ] || kubernetes_wrapper "$wrap" "$KUBERNETES_VERSION"
+  local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  local ld=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  log "building $tool $KUBERNETES_VERSION (several minutes on a cold cache)"
+  mkdir -p "$out.tmp"
+  ( cd "$wrap" && go build -trimpath -ldflags "-s -w $ld" -o "$out.tmp/$tool" "k8s.io/kubernetes/cmd/$tool" )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+build_etcd() {
+  local out; out=$(tool_dir etcd "$ETCD_VERSION")
+  [ -x "$out/etcd" ] && { echo "$out"; return; }
+  local wrap="$cache/src/etcd-$ETCD_VERSION"
+  mkdir -p "$wrap"
+  log "building etcd $ETCD_VERSION"
+  ( cd "$wrap"
+    [ -f go.mod ] || go mod init portassign.local/etcd-tools >&2
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+    mkdir -p "$out.tmp"
+    go build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3 )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+build_helm() {
+  local out; out=$(tool_dir helm "$HELM_VERSION")
+  [ -x "$out/helm" ] && { echo "$out"; return; }
+  local wrap="$cache/src/helm-$HELM_VERSION"
+  mkdir -p "$wrap"
+  local major=${HELM_VERSION%%.*}
+  log "building helm $HELM_VERSION"
+  ( cd "$wrap"
+    [ -f go.mod ] || go mod init portassign.local/helm-tools >&2
+    go get "helm.sh/helm/$major/cmd/helm@$HELM_VERSION" >&2
+    mkdir -p "$out.tmp"
+    go build -trimpath -ldflags "-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION" \
+      -o "$out.tmp/helm" "helm.sh/helm/$major/cmd/helm" )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+tools=("$@")
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kubectl helm)
+for t in "${tools[@]}"; do
+  case "$t" in
+    kube-apiserver|kubectl) build_kubernetes_tool "$t" ;;
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    *) log "unknown tool: $t"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,336 @@
+//! The node agent: rebuilds the node's table from the statuses, then runs the
+//! controller, and serves health, readiness, metrics and the table on HTTP.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::StreamExt;
+use kube::{
+    Api, Client, ResourceExt,
+    api::ListParams,
+    core::DeserializeGuard,
+    runtime::{
+        Controller,
+        controller::Config as ControllerConfig,
+        events::{EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    api::PortAssignment,
+    controller::{self, Context},
+    metrics::Metrics,
+    probe::{self, PortProbe},
+    table::{ObjectId, PortRange, PortTable, Recorded},
+};
+
+/// The Kubernetes NodePort range of a default cluster (`--service-node-port-range`).
+pub const NODEPORT_RANGE: (u16, u16) = (30000, 32767);
+/// The default allocation range: below both the NodePort and the usual ephemeral range.
+pub const DEFAULT_RANGE: &str = "20000-29999";
+
+/// Settings of one node's agent.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The node whose objects this agent serves.
+    pub node_name: String,
+    /// Ports new assignments come from.
+    pub range: PortRange,
+    /// Objects reconciled at the same time.
+    pub concurrency: u16,
+    /// Address of the health, metrics and debug HTTP server (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Name of this agent instance in events (the pod name in a cluster).
+    pub instance: Option<String>,
+}
+
+/// Failures that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The HTTP server could not bind its address.
+    #[error("could not listen on {addr} for health and metrics: {source} (set --listen to a free address)")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent task panicked or was aborted.
+    #[error("the agent task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A started agent.
+pub struct Running {
+    /// Where the HTTP server listens.
+    pub http_addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Whether the table has been rebuilt and the controller runs.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Stops the agent gracefully: in-flight reconciles finish, then it returns.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.shutdown.cancel();
+        self.task.await?;
+        Ok(())
+    }
+
+    /// Waits until the agent stops on its own or is told to by `shutdown`.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task.await?;
+        Ok(())
+    }
+
+    /// The token that stops this agent when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    ctx: Arc<Context>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Starts the agent: binds the HTTP server, then (in the background) rebuilds the
+/// table and runs the controller until the returned handle is stopped.
+pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) -> Result<Running, Error> {
+    warn_on_overlaps(config.range);
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| Error::Listen { addr: config.listen, source })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Listen { addr: config.listen, source })?;
+
+    let (wake, woken) = mpsc::unbounded_channel();
+    let reporter = Reporter { controller: "portassign-agent".into(), instance: config.instance.clone() };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        node_name: config.node_name.clone(),
+        table: std::sync::Mutex::new(PortTable::new(config.range)),
+        probe,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: Metrics::new(),
+        wake,
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+
+    let http = Http { ctx: ctx.clone(), ready: ready.clone() };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/table", get(debug_table))
+        .with_state(http);
+    let http_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+        if let Err(error) = serve.await {
+            error!(%error, "HTTP server failed");
+        }
+    });
+    info!(node = %config.node_name, range = %config.range, http = %http_addr, "agent starting");
+
+    let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone()));
+    Ok(Running { http_addr, ready, shutdown, task })
+}
+
+async fn run(
+    ctx: Arc<Context>,
+    config: Config,
+    ready: Arc<AtomicBool>,
+    woken: mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<DeserializeGuard<PortAssignment>>>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client.clone());
+    let selector = node_selector(&config.node_name);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match rebuild(&api, &selector, &ctx).await {
+            Ok(()) => break,
+            Err(error) => {
+                warn!(%error, "could not read this node's PortAssignments to rebuild the table; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    ready.store(true, Ordering::SeqCst);
+
+    let watch = watcher::Config::default().fields(&selector);
+    let stop = shutdown.clone();
+    Controller::new(api, watch)
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .reconcile_on(UnboundedReceiverStream::new(woken))
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                match error {
+                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    error => warn!(%error, "controller"),
+                }
+            }
+        })
+        .await;
+    ready.store(false, Ordering::SeqCst);
+    info!("agent stopped");
+}
+
+/// The field selector that limits the agent to its node's objects.
+pub fn node_selector(node_name: &str) -> String {
+    format!("spec.nodeName={node_name}")
+}
+
+/// Rebuilds the table from the statuses of every live object of this node, resolving
+/// ports recorded twice in favour of the older object, with a Warning event.
+async fn rebuild(
+    api: &Api<DeserializeGuard<PortAssignment>>,
+    selector: &str,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let started = std::time::Instant::now();
+    let mut records = Vec::new();
+    let mut objects: HashMap<ObjectId, PortAssignment> = HashMap::new();
+    let mut params = ListParams::default().fields(selector).limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        for item in page.items {
+            let object = match item.0 {
+                Ok(object) => object,
+                Err(invalid) => {
+                    warn!(name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace, error = %invalid.error,
+                        "cannot decode a PortAssignment; its ports are not known to this agent");
+                    continue;
+                }
+            };
+            if object.metadata.deletion_timestamp.is_some() {
+                // Being deleted: its ports are released already, whatever its status says.
+                continue;
+            }
+            let id = ObjectId::new(object.namespace().unwrap_or_default(), object.name_any());
+            let ports = object
+                .status
+                .as_ref()
+                .map(|s| s.ports.iter().map(|e| (e.key.clone(), e.port)).collect())
+                .unwrap_or_default();
+            let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            records.push(Recorded { object: id.clone(), age, ports });
+            objects.insert(id, object);
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    let count = records.len();
+    let displaced = ctx.table().rebuild(records);
+    for d in &displaced {
+        let Some(object) = objects.get(&d.loser.object) else { continue };
+        let message = format!(
+            "port {} was recorded both for key {} of this object and for key {} of {} (older); {} keeps it and key {} gets a new port",
+            d.port, d.loser.key, d.keeper.key, d.keeper.object, d.keeper.object, d.loser.key
+        );
+        warn!(object = %d.loser.object, "{message}");
+        ctx.publish(object, EventType::Warning, "DuplicatePort", message);
+    }
+    {
+        let table = ctx.table();
+        ctx.metrics.set_table(table.held(), table.free_in_range(), table.objects());
+        info!(
+            objects = count,
+            ports = table.held(),
+            duplicates = displaced.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "table rebuilt from statuses"
+        );
+    }
+    Ok(())
+}
+
+fn warn_on_overlaps(range: PortRange) {
+    if let Some((first, last)) = probe::ephemeral_range() {
+        if let Ok(ephemeral) = PortRange::new(first, last) {
+            if range.overlaps(&ephemeral) {
+                warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
+            }
+        }
+    }
+    let nodeport = PortRange::new(NODEPORT_RANGE.0, NODEPORT_RANGE.1).expect("constant range is valid");
+    if range.overlaps(&nodeport) {
+        warn!(%range, %nodeport, "the port range overlaps the default Kubernetes NodePort range");
+    }
+}
+
+async fn readyz(State(http): State<Http>) -> impl IntoResponse {
+    if http.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "rebuilding the port table")
+    }
+}
+
+async fn metrics(State(http): State<Http>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], http.ctx.metrics.render())
+}
+
+/// The agent's in-memory table: what the invariant checker compares with the statuses.
+#[derive(serde::Serialize)]
+struct TableView {
+    node: String,
+    range: String,
+    ready: bool,
+    ports: Vec<TableEntry>,
+}
+
+#[derive(serde::Serialize)]
+struct TableEntry {
+    port: u16,
+    namespace: String,
+    name: String,
+    key: String,
+}
+
+async fn debug_table(State(http): State<Http>) -> Json<TableView> {
+    let table = http.ctx.table();
+    let ports = table
+        .entries()
+        .into_iter()
+        .map(|(port, h)| TableEntry {
+            port,
+            namespace: h.object.namespace.clone(),
+            name: h.object.name.clone(),
+            key: h.key.clone(),
+        })
+        .collect();
+    Json(TableView {
+        node: http.ctx.node_name.clone(),
+        range: table.range().to_string(),
+        ready: http.ready.load(Ordering::SeqCst),
+        ports,
+    })
+}

@@ -1,0 +1,163 @@
+//! The `PortAssignment` custom resource (`portassign.io/v1alpha1`).
+//!
+//! The Rust types are the source of truth: `crds/portassignment.yaml` is generated
+//! from them (`portassign crd`) and a test fails when the committed file drifts.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "portassign.io";
+/// Finalizer the agent puts on every object it allocated for.
+pub const FINALIZER: &str = "portassign.io/release-ports";
+/// Most keys one object may list (and so most ports it may hold).
+pub const MAX_KEYS: usize = 1000;
+/// Longest key accepted.
+pub const MAX_KEY_LEN: usize = 253;
+
+/// Condition type that is `True` once every key in spec has a port.
+pub const CONDITION_READY: &str = "Ready";
+
+/// Desired state of a PortAssignment: which node, which protocol, which keys need a port.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "portassign.io",
+    version = "v1alpha1",
+    kind = "PortAssignment",
+    plural = "portassignments",
+    shortname = "pa",
+    category = "ports",
+    namespaced,
+    status = "PortAssignmentStatus",
+    doc = "Host ports for a set of keys on one node, assigned by that node's portassign agent.",
+    selectable = ".spec.nodeName",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName","description":"Node whose ports are assigned"}"#,
+    printcolumn = r#"{"name":"Protocol","type":"string","jsonPath":".spec.protocol","priority":1}"#,
+    printcolumn = r#"{"name":"Keys","type":"integer","jsonPath":".status.keyCount","description":"Keys listed in spec, as last seen by the agent"}"#,
+    printcolumn = r#"{"name":"Assigned","type":"integer","jsonPath":".status.assignedCount","description":"Keys that hold a port"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PortAssignmentSpec {
+    /// Name of the node whose agent assigns the ports. Required and immutable: ports
+    /// are unique per node, so moving an object would invalidate every port it holds.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: delete the object and create it for the other node"))]
+    pub node_name: String,
+
+    /// Protocol the ports must be free for: TCP, UDP, or TCPUDP (free for both).
+    /// Immutable, because assigned ports were only verified for the original protocol.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.protocol is immutable: delete the object and create it with the new protocol"))]
+    pub protocol: Protocol,
+
+    /// Keys (for example sandbox identifiers such as `team-a/sandbox-7`) that each need
+    /// a port. A set: each key at most once. A key keeps its port for as long as it is
+    /// listed; removing it releases the port.
+    #[serde(default)]
+    #[schemars(
+        length(max = 1000),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$"))
+    )]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub keys: Vec<String>,
+}
+
+/// Transport protocol a port is verified free for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Protocol {
+    /// Free for TCP.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// Free for UDP.
+    #[serde(rename = "UDP")]
+    Udp,
+    /// Free for both TCP and UDP.
+    #[serde(rename = "TCPUDP")]
+    TcpUdp,
+}
+
+impl Protocol {
+    /// Whether ports for this protocol must be free for TCP.
+    pub fn tcp(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::TcpUdp)
+    }
+
+    /// Whether ports for this protocol must be free for UDP.
+    pub fn udp(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::TcpUdp)
+    }
+}
+
+/// Observed state written by the node agent: the durable key↔port record for this object.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortAssignmentStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Number of keys in spec when this status was written.
+    #[serde(default)]
+    #[schemars(with = "i32", range(min = 0))]
+    pub key_count: u32,
+
+    /// Number of keys that hold a port.
+    #[serde(default)]
+    #[schemars(with = "i32", range(min = 0))]
+    pub assigned_count: u32,
+
+    /// The port held by each key. Keyed by `key`; no port appears twice on a node.
+    #[serde(default)]
+    #[schemars(length(max = 1000))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["key".into()]))]
+    pub ports: Vec<PortEntry>,
+
+    /// Standard conditions. `Ready` is `True` (reason `Allocated`) when every key has a
+    /// port; otherwise `False` with reason `RangeExhausted` or `PortConflict`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One key and the port assigned to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct PortEntry {
+    /// The key from spec.keys.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// The host port, verified free on the node when it was assigned.
+    #[schemars(with = "i32", range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// Reasons of the `Ready` condition.
+pub mod reason {
+    /// Every key has a port.
+    pub const ALLOCATED: &str = "Allocated";
+    /// Every port of the range is held by some key on the node.
+    pub const RANGE_EXHAUSTED: &str = "RangeExhausted";
+    /// Ports of the range are unassigned but busy on the node (bound by other programs).
+    pub const PORT_CONFLICT: &str = "PortConflict";
+}
+
+impl PortAssignment {
+    /// Namespace of the object (always set for this namespaced kind once stored).
+    pub fn namespace_or_default(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// The CRD as YAML, exactly as committed under `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::from("# Generated by `portassign crd` from src/api.rs: do not edit by hand.\n");
+    out.push_str(&serde_yaml::to_string(&PortAssignment::crd())?);
+    Ok(out)
+}

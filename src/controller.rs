@@ -1,0 +1,364 @@
+//! The reconcile loop: joins the port table, the probe and the Kubernetes API.
+//!
+//! Ordering is what keeps ports from being lost or leaked across crashes and failed
+//! writes: a new port is held in memory *before* the status naming it is written, and
+//! a removed key's port is released from memory only *after* the status without it is
+//! durable. Memory is therefore always a superset of every status, and the statuses
+//! alone are enough to rebuild the table after a crash.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    core::DeserializeGuard,
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        finalizer::{self, Event as Finalizer},
+        reflector::ObjectRef,
+    },
+};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+
+use crate::{
+    api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, reason},
+    metrics::Metrics,
+    probe::PortProbe,
+    table::{ObjectId, PortTable, Released, Reservation, Shortage},
+};
+
+/// Field manager of every write the agent makes.
+pub const FIELD_MANAGER: &str = "portassign-agent";
+
+/// How long an object short of ports waits before it retries on its own (it is also
+/// woken at once when a port on the node is released).
+const SHORTAGE_RETRY: Duration = Duration::from_secs(20);
+/// How long a failed reconcile waits before it is retried.
+const ERROR_RETRY: Duration = Duration::from_secs(2);
+
+/// What the reconciler shares across reconciles of one node.
+pub struct Context {
+    /// Client for writes.
+    pub client: Client,
+    /// The node this agent assigns ports on.
+    pub node_name: String,
+    /// The node's port table.
+    pub table: std::sync::Mutex<PortTable>,
+    /// Verifies ports free on the node.
+    pub probe: Arc<dyn PortProbe>,
+    /// Publishes Kubernetes events.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Asks the controller to reconcile objects again (those waiting for a port).
+    pub wake: UnboundedSender<ObjectRef<DeserializeGuard<PortAssignment>>>,
+}
+
+impl Context {
+    /// Locks the table. A panic while holding the lock cannot leave it half-updated
+    /// (each method finishes its bookkeeping before returning), so poisoning is ignored.
+    pub fn table(&self) -> std::sync::MutexGuard<'_, PortTable> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update_gauges(&self) {
+        let table = self.table();
+        self.metrics.set_table(table.held(), table.free_in_range(), table.objects());
+    }
+
+    /// Publishes an event without delaying the reconcile; a failure is only logged.
+    pub fn publish(&self, object: &PortAssignment, type_: EventType, reason: &str, note: String) {
+        let recorder = self.recorder.clone();
+        let reference = object.object_ref(&());
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                warn!(%error, "could not publish event");
+            }
+        });
+    }
+
+    fn wake_waiting(&self, released: &Released) {
+        for id in &released.wake {
+            let _ = self.wake.send(ObjectRef::new(&id.name).within(&id.namespace));
+        }
+    }
+}
+
+/// A reconcile that failed; retried after a short delay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The status write was refused or did not reach the API server.
+    #[error("writing the status of {object}: {source}")]
+    WriteStatus {
+        /// The object.
+        object: ObjectId,
+        /// What the API said.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer of {object}: {source}")]
+    Finalizer {
+        /// The object.
+        object: ObjectId,
+        /// What failed.
+        #[source]
+        source: Box<finalizer::Error<Error>>,
+    },
+}
+
+impl Error {
+    /// Short static label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::WriteStatus { .. } => "write_status",
+            Error::Finalizer { .. } => "finalizer",
+        }
+    }
+}
+
+fn object_id(object: &PortAssignment) -> ObjectId {
+    ObjectId::new(object.namespace().unwrap_or_default(), object.name_any())
+}
+
+/// Reconciles one object: the single entry point of its lifecycle.
+pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let object = match &guarded.0 {
+        Ok(object) => object,
+        Err(invalid) => return reconcile_invalid(invalid, &ctx).await,
+    };
+    if object.spec.node_name != ctx.node_name {
+        // The field selector keeps other nodes' objects out; this guards a misconfigured watch.
+        return Ok(Action::await_change());
+    }
+    let id = object_id(object);
+    let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let result = finalizer::finalizer(&api, FINALIZER, Arc::new(object.clone()), |event| async {
+        match event {
+            Finalizer::Apply(object) => apply(&object, &ctx).await,
+            Finalizer::Cleanup(object) => cleanup(&object, &ctx),
+        }
+    })
+    .await;
+    ctx.update_gauges();
+    result.map_err(|source| match source {
+        finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
+        source => Error::Finalizer { object: id, source: Box::new(source) },
+    })
+}
+
+/// Gives every key a port, records the result in the status, and only then releases
+/// the ports of keys that left the spec.
+async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
+    let id = object_id(object);
+    let protocol = object.spec.protocol;
+    let reservation = ctx
+        .table()
+        .reserve(&id, object.spec.keys.iter().map(String::as_str), &mut |port| ctx.probe.is_free(port, protocol));
+    ctx.metrics.allocated(reservation.added.len());
+
+    let status = desired_status(object, &reservation);
+    if object.status.as_ref() != Some(&status) {
+        write_status(object, &status, ctx).await.map_err(|source| Error::WriteStatus { object: id.clone(), source })?;
+    }
+    let released = ctx.table().commit(&id, &reservation.ports);
+    ctx.metrics.released(released.ports.len());
+    ctx.wake_waiting(&released);
+
+    if !reservation.added.is_empty() {
+        info!(object = %id, added = reservation.added.len(), "assigned ports");
+        ctx.publish(object, EventType::Normal, "Assigned", format!("assigned {}", describe(&reservation.added)));
+    }
+    if !released.ports.is_empty() {
+        info!(object = %id, released = released.ports.len(), "released ports of removed keys");
+        ctx.publish(object, EventType::Normal, "Released", format!("released {}", describe(&released.ports)));
+    }
+    match reservation.shortage {
+        None => Ok(Action::await_change()),
+        Some(shortage) => {
+            let (reason, message) = shortage_message(shortage, &reservation, ctx);
+            warn!(object = %id, reason, "{message}");
+            if object.status.as_ref().and_then(ready_reason) != Some(reason) {
+                ctx.publish(object, EventType::Warning, reason, message);
+            }
+            Ok(Action::requeue(SHORTAGE_RETRY))
+        }
+    }
+}
+
+/// Releases every port of a deleted object. Its status is left as it is: an object
+/// being deleted holds no ports, whatever its status says.
+fn cleanup(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
+    let id = object_id(object);
+    let released = ctx.table().release_object(&id);
+    ctx.metrics.released(released.ports.len());
+    ctx.wake_waiting(&released);
+    info!(object = %id, released = released.ports.len(), "object deleted: released its ports");
+    Ok(Action::await_change())
+}
+
+/// An object the agent cannot decode (for example written under an older schema): it is
+/// skipped with a log line and an event; if it is being deleted its ports are released
+/// and the finalizer removed so deletion is not blocked.
+async fn reconcile_invalid(
+    invalid: &kube::core::error_boundary::InvalidObject,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    let id = ObjectId::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+    warn!(object = %id, error = %invalid.error, "skipping a PortAssignment that cannot be decoded");
+    ctx.metrics.invalid_object();
+    let has_finalizer = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
+    if meta.deletion_timestamp.is_none() || !has_finalizer {
+        return Ok(Action::await_change());
+    }
+    let released = ctx.table().release_object(&id);
+    ctx.wake_waiting(&released);
+    let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let remaining: Vec<&String> = meta.finalizers.iter().flatten().filter(|f| *f != FINALIZER).collect();
+    let patch = json!({ "metadata": { "finalizers": remaining, "resourceVersion": meta.resource_version } });
+    api.patch(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|source| Error::Finalizer {
+        object: id,
+        source: Box::new(finalizer::Error::RemoveFinalizer(source)),
+    })?;
+    Ok(Action::await_change())
+}
+
+/// Logs a failed reconcile and retries it shortly.
+pub fn error_policy(_object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconcile failed; retrying");
+    ctx.metrics.reconcile_error(error.label());
+    Action::requeue(ERROR_RETRY)
+}
+
+/// The status that records `reservation`, keeping condition transition times stable.
+fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAssignmentStatus {
+    let (status, reason_, message) = match reservation.shortage {
+        None => ("True", reason::ALLOCATED, format!("all {} keys have a port", reservation.ports.len())),
+        Some(Shortage::RangeExhausted) => (
+            "False",
+            reason::RANGE_EXHAUSTED,
+            format!(
+                "{} keys wait for a port: every port of the node's range is assigned",
+                reservation.unassigned.len()
+            ),
+        ),
+        Some(Shortage::PortConflict) => (
+            "False",
+            reason::PORT_CONFLICT,
+            format!(
+                "{} keys wait for a port: the range's unassigned ports are all in use by other programs on the node",
+                reservation.unassigned.len()
+            ),
+        ),
+    };
+    let generation = object.metadata.generation;
+    let previous = object.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY));
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(Timestamp::now()),
+    };
+    PortAssignmentStatus {
+        observed_generation: generation,
+        key_count: count(object.spec.keys.len()),
+        assigned_count: count(reservation.ports.len()),
+        ports: reservation.ports.iter().map(|(key, port)| PortEntry { key: key.clone(), port: *port }).collect(),
+        conditions: vec![Condition {
+            type_: CONDITION_READY.into(),
+            status: status.into(),
+            reason: reason_.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }],
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn ready_reason(status: &PortAssignmentStatus) -> Option<&str> {
+    status.conditions.iter().find(|c| c.type_ == CONDITION_READY).map(|c| c.reason.as_str())
+}
+
+/// Writes the status with server-side apply. Entries of keys the agent no longer wants
+/// but that another field manager owns (a status edited by hand) survive an apply, so
+/// then the list is replaced outright with a merge patch.
+async fn write_status(
+    object: &PortAssignment,
+    status: &PortAssignmentStatus,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), object.namespace_or_default());
+    let name = object.name_any();
+    let apply = json!({
+        "apiVersion": PortAssignment::api_version(&()),
+        "kind": PortAssignment::kind(&()),
+        "status": status,
+    });
+    let written = api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(apply)).await?;
+    let stored_ports = written.status.map(|s| s.ports).unwrap_or_default();
+    if stored_ports != status.ports {
+        debug!(object = %name, "status holds entries of another field manager; replacing the list");
+        let merge = json!({ "status": { "ports": status.ports } });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(merge)).await?;
+    }
+    Ok(())
+}
+
+fn shortage_message(shortage: Shortage, reservation: &Reservation, ctx: &Context) -> (&'static str, String) {
+    let range = ctx.table().range();
+    let keys = reservation.unassigned.len();
+    match shortage {
+        Shortage::RangeExhausted => (
+            reason::RANGE_EXHAUSTED,
+            format!(
+                "{keys} keys have no port: all {} ports of range {range} are assigned on this node; they complete when ports are released or the range is widened",
+                range.len()
+            ),
+        ),
+        Shortage::PortConflict => (
+            reason::PORT_CONFLICT,
+            format!(
+                "{keys} keys have no port: every unassigned port of range {range} is in use by another program on this node"
+            ),
+        ),
+    }
+}
+
+fn describe(ports: &[(String, u16)]) -> String {
+    let mut sorted: BTreeMap<&str, u16> = BTreeMap::new();
+    for (key, port) in ports {
+        sorted.insert(key, *port);
+    }
+    let list: Vec<String> = sorted.iter().map(|(k, p)| format!("{k}={p}")).collect();
+    format!("{} port(s): {}", ports.len(), list.join(", "))
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}

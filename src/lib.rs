@@ -1,0 +1,16 @@
+//! portassign: a Kubernetes node agent that hands out host ports verified free on
+//! the node's own network stack, recorded durably in `PortAssignment` statuses.
+//!
+//! - [`api`]: the `PortAssignment` custom resource.
+//! - [`table`]: the node's port table (sans-IO).
+//! - [`probe`]: checks a port is free by binding it.
+//! - [`controller`]: the reconcile loop.
+//! - [`agent`]: wiring, rebuild at start, health and metrics.
+
+pub mod agent;
+pub mod api;
+pub mod controller;
+pub mod metrics;
+pub mod probe;
+pub mod table;
+pub mod telemetry;

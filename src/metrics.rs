@@ -1,0 +1,130 @@
+//! Prometheus metrics of the agent, served as text on `/metrics`.
+
+use std::{sync::Arc, time::Instant};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error: &'static str,
+}
+
+/// The agent's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    ports_assigned: Gauge,
+    ports_free: Gauge,
+    objects: Gauge,
+    reconciles: Counter,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    reconcile_duration: Histogram,
+    allocations: Counter,
+    releases: Counter,
+    invalid_objects: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `portassign_` prefix.
+    pub fn new() -> Self {
+        let ports_assigned = Gauge::default();
+        let ports_free = Gauge::default();
+        let objects = Gauge::default();
+        let reconciles = Counter::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        let allocations = Counter::default();
+        let releases = Counter::default();
+        let invalid_objects = Counter::default();
+        let mut registry = Registry::with_prefix("portassign");
+        registry.register("ports_assigned", "Ports held by keys on this node", ports_assigned.clone());
+        registry.register("ports_free", "Ports of the range no key holds", ports_free.clone());
+        registry.register("objects", "PortAssignments holding ports on this node", objects.clone());
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed, by error", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Time a reconcile takes", reconcile_duration.clone());
+        registry.register("allocations", "Ports assigned to keys", allocations.clone());
+        registry.register("releases", "Ports released", releases.clone());
+        registry.register(
+            "invalid_objects",
+            "Reconciles of objects that could not be decoded",
+            invalid_objects.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            ports_assigned,
+            ports_free,
+            objects,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            allocations,
+            releases,
+            invalid_objects,
+        }
+    }
+
+    /// Counts a reconcile and observes its duration when the returned guard drops.
+    pub fn reconcile_timer(&self) -> ReconcileTimer {
+        self.reconciles.inc();
+        ReconcileTimer { start: Instant::now(), histogram: self.reconcile_duration.clone() }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_error(&self, label: &'static str) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { error: label }).inc();
+    }
+
+    /// Counts `n` new assignments.
+    pub fn allocated(&self, n: usize) {
+        self.allocations.inc_by(n as u64);
+    }
+
+    /// Counts `n` released ports.
+    pub fn released(&self, n: usize) {
+        self.releases.inc_by(n as u64);
+    }
+
+    /// Counts an object that could not be decoded.
+    pub fn invalid_object(&self) {
+        self.invalid_objects.inc();
+    }
+
+    /// Sets the table gauges.
+    pub fn set_table(&self, held: usize, free_in_range: usize, objects: usize) {
+        self.ports_assigned.set(held as i64);
+        self.ports_free.set(free_in_range as i64);
+        self.objects.set(objects as i64);
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Observes a reconcile's duration when dropped.
+pub struct ReconcileTimer {
+    start: Instant,
+    histogram: Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
