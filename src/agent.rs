@@ -273,15 +273,15 @@ async fn rebuild(
 }
 
 fn warn_on_overlaps(range: PortRange) {
-    if let Some((first, last)) = probe::ephemeral_range() {
-        if let Ok(ephemeral) = PortRange::new(first, last) {
-            if range.overlaps(&ephemeral) {
-                warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
-            }
-        }
+    if let Some((first, last)) = probe::ephemeral_range()
+        && let Ok(ephemeral) = PortRange::new(first, last)
+        && range.overlaps(&ephemeral)
+    {
+        warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
     }
-    let nodeport = PortRange::new(NODEPORT_RANGE.0, NODEPORT_RANGE.1).expect("constant range is valid");
-    if range.overlaps(&nodeport) {
+    if let Ok(nodeport) = PortRange::new(NODEPORT_RANGE.0, NODEPORT_RANGE.1)
+        && range.overlaps(&nodeport)
+    {
         warn!(%range, %nodeport, "the port range overlaps the default Kubernetes NodePort range");
     }
 }
