@@ -40,6 +40,10 @@ async fn create_gives_every_key_a_unique_port_in_range() {
     assert_eq!((status.key_count, status.assigned_count), (3, 3));
     let events = w.event_reasons("pool").await;
     assert!(events.iter().any(|(r, _)| r == "Assigned"), "an Assigned event: {events:?}");
+    let (code, metrics) = common::http_get(agent.http_addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.lines().any(|l| l == "portassign_ports_assigned 3"), "gauge of assigned ports:\n{metrics}");
+    assert!(metrics.contains(&format!("portassign_ports_free {}", range.len() - 3)));
     agent.stop().await.unwrap();
     w.cleanup().await;
 }
@@ -278,4 +282,36 @@ async fn udp_and_tcpudp_ports_are_checked_for_their_protocols() {
     assert_ne!(both["b"], range.first());
     agent.stop().await.unwrap();
     w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_fails_until_the_table_is_rebuilt() {
+    // An API server that is not there: the agent can never rebuild its table.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let config = kube::Config::new(url.parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let agent_config = portassign::agent::Config {
+        node_name: "nowhere".into(),
+        range: port_block(2),
+        concurrency: 1,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        instance: None,
+    };
+    let agent =
+        portassign::agent::start(client, agent_config, std::sync::Arc::new(portassign::probe::SocketProbe::detect()))
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = agent.http_addr;
+    let (live, ready) = tokio::task::spawn_blocking(move || {
+        (common::http_get(addr, "/healthz").0, common::http_get(addr, "/readyz").0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(live, 200, "alive while it retries");
+    assert_eq!(ready, 503, "not ready before the rebuild");
+    assert!(!agent.is_ready());
+    agent.stop().await.unwrap();
 }
