@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit lint fmt crd tools build control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart lint fmt crd tools build image control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ test: ## Every check and test, against a real kube-apiserver + etcd built here
 
 test-unit: ## Unit and property tests only (no control plane)
 	$(CARGO) test --lib
+
+test-chart: ## Helm chart checks, install and RBAC proof against $$KUBECONFIG's cluster
+	hack/test-chart.sh
 
 lint: ## Formatting and clippy, warnings denied
 	$(CARGO) fmt --all -- --check
@@ -38,6 +41,10 @@ control-plane-up: ## Start a local control plane in .local/control-plane (prints
 
 control-plane-down: ## Stop the control plane started by control-plane-up
 	hack/control-plane.sh down .local/control-plane
+
+IMAGE ?= portassign:dev
+image: ## Build the container image (needs a Docker engine; none runs on the CI machine)
+	docker build -t $(IMAGE) .
 
 clean: ## Remove build output (the tools cache under ~/.cache/portassign stays)
 	$(CARGO) clean

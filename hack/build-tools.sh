@@ -99,8 +99,14 @@ build_helm() {
     [ -f go.mod ] || go mod init portassign.local/helm-tools >&2
     go get "helm.sh/helm/$major/cmd/helm@$HELM_VERSION" >&2
     mkdir -p "$out.tmp"
-    go build -trimpath -ldflags "-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION" \
-      -o "$out.tmp/helm" "helm.sh/helm/$major/cmd/helm" )
+    # Like helm's own Makefile: default capabilities follow the client-go it is built with
+    # (otherwise `helm template` assumes Kubernetes 1.20).
+    local kv; kv=$(go list -m -f '{{.Version}}' k8s.io/client-go); kv=${kv#v0.}; kv=${kv%%.*}
+    local ld="-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION"
+    for pkg in pkg/lint/rules pkg/chartutil; do
+      ld+=" -X helm.sh/helm/$major/$pkg.k8sVersionMajor=1 -X helm.sh/helm/$major/$pkg.k8sVersionMinor=$kv"
+    done
+    go build -trimpath -ldflags "$ld" -o "$out.tmp/helm" "helm.sh/helm/$major/cmd/helm" )
   rm -rf "$out"; mv "$out.tmp" "$out"
   echo "$out"
 }

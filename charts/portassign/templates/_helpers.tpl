@@ -1,0 +1,107 @@
+{{/*
+Chart name, overridable with nameOverride; cut to 63 characters (the label value limit).
+*/}}
+{{- define "portassign.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's resources: fullnameOverride, else the release name, suffixed
+with the chart name unless it already contains it.
+*/}}
+{{- define "portassign.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "portassign.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "portassign.labels" -}}
+helm.sh/chart: {{ include "portassign.chart" . }}
+{{ include "portassign.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: agent
+app.kubernetes.io/part-of: portassign
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that select the agent pods; they must never change within a release
+(a DaemonSet's selector is immutable).
+*/}}
+{{- define "portassign.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "portassign.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Name of the ServiceAccount the agent runs as.
+*/}}
+{{- define "portassign.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "portassign.fullname" .) .Values.serviceAccount.name }}
+{{- else if .Values.serviceAccount.name }}
+{{- .Values.serviceAccount.name }}
+{{- else }}
+{{- fail "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The agent image: repository@digest when a digest is set, else repository:tag (the tag
+defaulting to the chart's appVersion).
+*/}}
+{{- define "portassign.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port range as the agent's --port-range value, after checking what values.schema.json
+cannot express (it cannot compare two fields): first <= last, privileged ports only when
+allowed, and the HTTP port outside the range.
+*/}}
+{{- define "portassign.portRange" -}}
+{{- $first := int .Values.portRange.first }}
+{{- $last := int .Values.portRange.last }}
+{{- $metrics := int .Values.metricsPort }}
+{{- if gt $first $last }}
+{{- fail (printf "portRange.first (%d) is above portRange.last (%d): the range would be empty; set first <= last" $first $last) }}
+{{- end }}
+{{- if and (lt $first 1024) (not .Values.allowPrivilegedPorts) }}
+{{- fail (printf "portRange.first (%d) is a privileged port (below 1024): set allowPrivilegedPorts: true to allow it, or start the range at 1024 or above" $first) }}
+{{- end }}
+{{- if and (lt $metrics 1024) (not .Values.allowPrivilegedPorts) }}
+{{- fail (printf "metricsPort (%d) is a privileged port (below 1024): set allowPrivilegedPorts: true to allow it, or use a port of 1024 or above" $metrics) }}
+{{- end }}
+{{- if and (ge $metrics $first) (le $metrics $last) }}
+{{- fail (printf "metricsPort (%d) lies inside portRange %d-%d: the agent's own HTTP port would be handed out as well; move one of them" $metrics $first $last) }}
+{{- end }}
+{{- printf "%d-%d" $first $last }}
+{{- end }}
+
+{{/*
+Whether the agent needs to bind ports below 1024.
+*/}}
+{{- define "portassign.bindsPrivilegedPorts" -}}
+{{- if or (lt (int .Values.portRange.first) 1024) (lt (int .Values.metricsPort) 1024) }}true{{- end }}
+{{- end }}
