@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use portassign::{
     agent::{self, DEFAULT_RANGE},
-    api,
+    api, lookup,
     probe::SocketProbe,
     table::PortRange,
     telemetry::{self, LogFormat},
@@ -26,6 +26,39 @@ enum Command {
     Agent(AgentArgs),
     /// Print the PortAssignment CustomResourceDefinition as YAML.
     Crd,
+    /// Which port a key holds (and on which node, in which object).
+    Key(KeyArgs),
+    /// Which key holds a port on a node.
+    Port(PortArgs),
+}
+
+#[derive(clap::Args)]
+struct LookupArgs {
+    /// Look only in this namespace (default: all namespaces).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: lookup::Format,
+}
+
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// The key, for example team-a/sandbox-7.
+    key: String,
+    #[command(flatten)]
+    lookup: LookupArgs,
+}
+
+#[derive(clap::Args)]
+struct PortArgs {
+    /// The port number.
+    port: u16,
+    /// The node the port is on (ports are unique per node; default: every node).
+    #[arg(long)]
+    node: Option<String>,
+    #[command(flatten)]
+    lookup: LookupArgs,
 }
 
 #[derive(clap::Args)]
@@ -53,7 +86,7 @@ struct AgentArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match Cli::parse().command {
+    match parse().command {
         Command::Crd => match api::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -64,6 +97,11 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Key(args) => run_lookup(lookup::Query::Key(args.key), None, args.lookup).await,
+        Command::Port(args) => {
+            let node = args.node.clone();
+            run_lookup(lookup::Query::Port { port: args.port, node: args.node }, node, args.lookup).await
+        }
         Command::Agent(args) => {
             telemetry::init(args.log_format);
             match run_agent(args).await {
@@ -75,6 +113,50 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Parses the command line; installed as `kubectl-portassign`, the binary is a kubectl
+/// plugin, so `kubectl portassign key K` runs `portassign key K`.
+fn parse() -> Cli {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plugin = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|name| name.to_string_lossy().starts_with("kubectl-"));
+    if plugin {
+        args[0] = "kubectl portassign".into();
+    }
+    Cli::parse_from(args)
+}
+
+/// Prints what a lookup found; exit code 1 when nothing matches.
+async fn run_lookup(query: lookup::Query, node: Option<String>, args: LookupArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: no Kubernetes client configuration ({e}): set KUBECONFIG");
+            return ExitCode::from(2);
+        }
+    };
+    let objects = match lookup::list(client, args.namespace.as_deref(), node.as_deref()).await {
+        Ok(objects) => objects,
+        Err(e) => {
+            eprintln!("error: could not list PortAssignments: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = lookup::find(&objects, &query);
+    if matches.is_empty() {
+        let what = match &query {
+            lookup::Query::Key(key) => format!("key {key:?} holds no port"),
+            lookup::Query::Port { port, node: Some(node) } => format!("port {port} is not assigned on node {node}"),
+            lookup::Query::Port { port, node: None } => format!("port {port} is not assigned on any node"),
+        };
+        eprintln!("{what}");
+        return ExitCode::from(1);
+    }
+    print!("{}", lookup::render(&matches, args.output));
+    ExitCode::SUCCESS
 }
 
 async fn run_agent(args: AgentArgs) -> Result<(), String> {

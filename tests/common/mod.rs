@@ -231,6 +231,15 @@ impl World {
     /// Deletes the namespace (objects in it are deleted with it where a namespace
     /// controller runs; the local control plane has none, so delete objects first).
     pub async fn cleanup(self) {
+        // Objects whose agent is gone would keep their finalizer forever: drop it.
+        if let Ok(list) = self.api().list(&Default::default()).await {
+            for object in list.items {
+                let name = object.name_any();
+                let patch = serde_json::json!({ "metadata": { "finalizers": null } });
+                let _ = self.api().patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await;
+                let _ = self.api().delete(&name, &DeleteParams::default()).await;
+            }
+        }
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
     }
