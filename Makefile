@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart lint fmt crd tools build image control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart chaos lint fmt crd tools build image control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ test: ## Every check and test, against a real kube-apiserver + etcd built here
 
 test-unit: ## Unit and property tests only (no control plane)
 	$(CARGO) test --lib
+
+chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minutes of churn
+	PORTASSIGN_CHAOS_SECONDS=180 PORTASSIGN_CHAOS_KILLS=30 $(CARGO) test --test chaos -- --nocapture
 
 test-chart: ## Helm chart checks, install and RBAC proof against $$KUBECONFIG's cluster
 	hack/test-chart.sh

@@ -6,10 +6,12 @@
 //! - [`probe`]: checks a port is free by binding it.
 //! - [`controller`]: the reconcile loop.
 //! - [`agent`]: wiring, rebuild at start, health and metrics.
+//! - [`checker`]: the independent invariant checker.
 //! - [`lookup`]: key→port and port→key lookups for operators.
 
 pub mod agent;
 pub mod api;
+pub mod checker;
 pub mod controller;
 pub mod lookup;
 pub mod metrics;

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use portassign::{
     agent::{self, DEFAULT_RANGE},
-    api, lookup,
+    api, checker, lookup,
     probe::SocketProbe,
     table::PortRange,
     telemetry::{self, LogFormat},
@@ -30,6 +30,29 @@ enum Command {
     Key(KeyArgs),
     /// Which key holds a port on a node.
     Port(PortArgs),
+    /// Check every guarantee against the statuses and the agents' tables; exit 1 on a violation.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// An agent's HTTP address (http://HOST:PORT) whose /debug/table must agree with the statuses. Repeatable.
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// The allocation range of a node, NODE=FIRST-LAST (default: from its agent's table). Repeatable.
+    #[arg(long = "range", value_parser = parse_node_range)]
+    ranges: Vec<(String, PortRange)>,
+    /// Seconds after which an object still deleting counts as stuck.
+    #[arg(long, default_value_t = 60)]
+    stuck_after: u64,
+    /// Do not require every object to be reconciled at its current generation.
+    #[arg(long)]
+    unsettled: bool,
+}
+
+fn parse_node_range(text: &str) -> Result<(String, PortRange), String> {
+    let (node, range) = text.split_once('=').ok_or("expected NODE=FIRST-LAST")?;
+    Ok((node.to_owned(), range.parse().map_err(|e: portassign::table::RangeError| e.to_string())?))
 }
 
 #[derive(clap::Args)]
@@ -102,6 +125,7 @@ async fn main() -> ExitCode {
             let node = args.node.clone();
             run_lookup(lookup::Query::Port { port: args.port, node: args.node }, node, args.lookup).await
         }
+        Command::Check(args) => run_check(args).await,
         Command::Agent(args) => {
             telemetry::init(args.log_format);
             match run_agent(args).await {
@@ -127,6 +151,50 @@ fn parse() -> Cli {
         args[0] = "kubectl portassign".into();
     }
     Cli::parse_from(args)
+}
+
+/// Runs the invariant checker once and prints every violation.
+async fn run_check(args: CheckArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: no Kubernetes client configuration ({e}): set KUBECONFIG");
+            return ExitCode::from(2);
+        }
+    };
+    let objects = match lookup::list(client, None, None).await {
+        Ok(objects) => objects,
+        Err(e) => {
+            eprintln!("error: could not list PortAssignments: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut tables = Vec::new();
+    for agent in &args.agents {
+        match checker::fetch_agent_table(agent).await {
+            Ok(table) => tables.push(table),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let expect = checker::Expectations {
+        settled: !args.unsettled,
+        stuck_after: std::time::Duration::from_secs(args.stuck_after),
+        ranges: args.ranges.into_iter().collect(),
+    };
+    let violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
+    for v in &violations {
+        println!("VIOLATION {v}");
+    }
+    println!(
+        "checked {} PortAssignments and {} agent tables: {} violations",
+        objects.len(),
+        tables.len(),
+        violations.len()
+    );
+    if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 /// Prints what a lookup found; exit code 1 when nothing matches.

@@ -79,28 +79,30 @@ pub async fn client() -> Client {
 /// Installs the CRD from the Rust types once per process and waits until it is served.
 async fn install_crd(client: &Client) {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_init(|| async {
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let crd = PortAssignment::crd();
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply("portassign-tests").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("cannot install the CRD on the test API server: {e}"));
-        tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
-            .await
-            .expect("CRD established within 30s")
-            .expect("watch CRD");
-        // Established can precede discovery by a moment.
-        let api: Api<PortAssignment> = Api::all(client.clone());
-        for _ in 0..50 {
-            if api.list(&Default::default()).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    DONE.get_or_init(|| install_crd_on(client)).await;
+}
+
+/// Installs the CRD on the cluster of `client` and waits until it is served.
+pub async fn install_crd_on(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = PortAssignment::crd();
+    let name = crd.name_any();
+    crds.patch(&name, &PatchParams::apply("portassign-tests").force(), &Patch::Apply(&crd))
+        .await
+        .unwrap_or_else(|e| panic!("cannot install the CRD on the test API server: {e}"));
+    tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
+        .await
+        .expect("CRD established within 30s")
+        .expect("watch CRD");
+    // Established can precede discovery by a moment.
+    let api: Api<PortAssignment> = Api::all(client.clone());
+    for _ in 0..50 {
+        if api.list(&Default::default()).await.is_ok() {
+            return;
         }
-        panic!("PortAssignments not served 5s after the CRD became established");
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("PortAssignments not served 5s after the CRD became established");
 }
 
 /// A distinct block of `size` ports for one test, inside the agent's default range so it
@@ -288,4 +290,192 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (code, body.to_owned())
+}
+
+/// A free TCP port on loopback (bound and released; good enough for test processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The `portassign` agent as a real process, so tests can SIGKILL it.
+pub struct AgentProcess {
+    /// Node it serves.
+    pub node: String,
+    /// `http://HOST:PORT` of its HTTP server.
+    pub url: String,
+    args: Vec<String>,
+    prefix: Vec<String>,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl AgentProcess {
+    /// Starts `portassign agent` for `node`, optionally wrapped (e.g. `ip netns exec NS`),
+    /// and waits until `/readyz` answers 200 at `http_host`.
+    pub fn start(
+        kubeconfig: &Path,
+        node: &str,
+        range: PortRange,
+        prefix: &[&str],
+        listen: SocketAddr,
+        http_host: SocketAddr,
+    ) -> Self {
+        let log = std::env::temp_dir().join(format!("portassign-agent-{node}.log"));
+        let mut agent = AgentProcess {
+            node: node.to_owned(),
+            url: format!("http://{http_host}"),
+            args: vec![
+                "agent".into(),
+                "--node-name".into(),
+                node.into(),
+                "--port-range".into(),
+                range.to_string(),
+                "--listen".into(),
+                listen.to_string(),
+            ],
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            kubeconfig: kubeconfig.to_owned(),
+            log,
+            child: None,
+        };
+        agent.restart();
+        agent
+    }
+
+    /// (Re)starts the process and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Starts the process without waiting for readiness.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let (program, args): (String, Vec<String>) = match self.prefix.split_first() {
+            Some((first, rest)) => (
+                first.clone(),
+                rest.iter()
+                    .cloned()
+                    .chain([env!("CARGO_BIN_EXE_portassign").to_string()])
+                    .chain(self.args.clone())
+                    .collect(),
+            ),
+            None => (env!("CARGO_BIN_EXE_portassign").to_string(), self.args.clone()),
+        };
+        let child = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().expect("agent address");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && http_get(addr, "/readyz").0 == 200;
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} not ready after {timeout:?}; log: {}",
+                self.node,
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL: no cleanup, no graceful shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A control plane of the test's own (for tests that restart it or need it reachable
+/// from network namespaces), stopped when dropped.
+pub struct OwnControlPlane {
+    /// Its directory (`hack/control-plane.sh` state).
+    pub dir: PathBuf,
+    /// Its kubeconfig.
+    pub kubeconfig: PathBuf,
+}
+
+impl OwnControlPlane {
+    /// Starts one; `env` adds variables for hack/control-plane.sh (bind address, SANs).
+    pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!("portassign-{name}-{}", std::process::id()));
+        let output = Command::new(root.join("hack/control-plane.sh"))
+            .arg("up")
+            .arg(&dir)
+            .env("PORTASSIGN_OWNER_PID", std::process::id().to_string())
+            .envs(env.iter().copied())
+            .output()
+            .expect("run hack/control-plane.sh");
+        assert!(
+            output.status.success(),
+            "could not start a control plane: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let kubeconfig =
+            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default());
+        OwnControlPlane { dir, kubeconfig }
+    }
+
+    /// Kills etcd and kube-apiserver with `signal` and starts them again on the same data.
+    pub fn restart(&self, signal: &str) {
+        restart_control_plane(&self.dir, signal);
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("config");
+        let client = Client::try_from(config).expect("client");
+        install_crd_on(&client).await;
+        client
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(root.join("hack/control-plane.sh")).arg("down").arg(&self.dir).output();
+    }
+}
+
+/// Kills the etcd and kube-apiserver of the control plane in `dir` with `signal` and
+/// starts them again on the same data.
+pub fn restart_control_plane(dir: &Path, signal: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(root.join("hack/control-plane.sh"))
+        .arg("restart")
+        .arg(dir)
+        .arg(signal)
+        .output()
+        .expect("run hack/control-plane.sh restart");
+    assert!(output.status.success(), "control plane restart failed: {}", String::from_utf8_lossy(&output.stderr));
 }

@@ -1,0 +1,283 @@
+//! An independent invariant checker: reads every PortAssignment and, where given, the
+//! agents' in-memory tables (`/debug/table`), and reports every broken guarantee.
+//! Used by the reliability tests and by hand (`portassign check`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    time::Duration,
+};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use serde::Deserialize;
+
+use crate::{
+    api::{CONDITION_READY, PortAssignment},
+    table::PortRange,
+};
+
+/// An agent's table as served on `/debug/table`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AgentTable {
+    /// The agent's node.
+    pub node: String,
+    /// The agent's range, `FIRST-LAST`.
+    pub range: String,
+    /// Whether the agent had rebuilt its table.
+    pub ready: bool,
+    /// Every port it holds.
+    pub ports: Vec<AgentEntry>,
+}
+
+/// One port held in an agent's memory.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AgentEntry {
+    /// The port.
+    pub port: u16,
+    /// Namespace of the holder.
+    pub namespace: String,
+    /// Name of the holder.
+    pub name: String,
+    /// Key of the holder.
+    pub key: String,
+}
+
+/// One broken guarantee.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Node concerned.
+    pub node: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node {}: {}", self.node, self.message)
+    }
+}
+
+/// What the checker expects of the cluster.
+#[derive(Clone, Debug)]
+pub struct Expectations {
+    /// Every object must have been reconciled at its current generation.
+    pub settled: bool,
+    /// An object still present this long after its deletion was requested is stuck.
+    pub stuck_after: Duration,
+    /// Allocation range per node, when known (taken from the agents' tables otherwise).
+    pub ranges: HashMap<String, PortRange>,
+}
+
+impl Default for Expectations {
+    fn default() -> Self {
+        Self { settled: true, stuck_after: Duration::from_secs(60), ranges: HashMap::new() }
+    }
+}
+
+type Entry = (u16, String, String, String);
+
+/// Checks the statuses of `objects` (all nodes) and, for each agent table given, that
+/// its memory holds exactly what the statuses of its node hold.
+pub fn check(
+    objects: &[PortAssignment],
+    agents: &[AgentTable],
+    expect: &Expectations,
+    now: Timestamp,
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut ranges = expect.ranges.clone();
+    for agent in agents {
+        if let Ok(range) = agent.range.parse() {
+            ranges.entry(agent.node.clone()).or_insert(range);
+        }
+    }
+    let mut held: BTreeMap<&str, BTreeSet<Entry>> = BTreeMap::new();
+    let mut by_port: HashMap<(&str, u16), String> = HashMap::new();
+    for object in objects {
+        let node = object.spec.node_name.as_str();
+        let id = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+        let mut fail = |message: String| violations.push(Violation { node: node.to_owned(), message });
+        if let Some(deleted) = &object.metadata.deletion_timestamp {
+            let waited = now.duration_since(deleted.0);
+            if waited.as_secs_f64() > expect.stuck_after.as_secs_f64() {
+                fail(format!("{id} is stuck deleting for {:.0}s", waited.as_secs_f64()));
+            }
+            // An object being deleted holds no ports.
+            continue;
+        }
+        let status = object.status.clone().unwrap_or_default();
+        let current = status.observed_generation.is_some() && status.observed_generation == object.metadata.generation;
+        if expect.settled && !current {
+            fail(format!(
+                "{id} is not reconciled: generation {:?}, observed {:?}",
+                object.metadata.generation, status.observed_generation
+            ));
+        }
+        let ready = status.conditions.iter().any(|c| c.type_ == CONDITION_READY && c.status == "True");
+        let wanted: BTreeSet<&str> = object.spec.keys.iter().map(String::as_str).collect();
+        let recorded: BTreeSet<&str> = status.ports.iter().map(|e| e.key.as_str()).collect();
+        if current {
+            for extra in recorded.difference(&wanted) {
+                fail(format!("{id} records a port for key {extra} that is not in spec"));
+            }
+            if ready {
+                for missing in wanted.difference(&recorded) {
+                    fail(format!("{id} is Ready but key {missing} has no port"));
+                }
+            }
+        }
+        for entry in &status.ports {
+            if let Some(range) = ranges.get(node)
+                && !range.contains(entry.port)
+            {
+                fail(format!("{id} key {} holds port {} outside the range {range}", entry.key, entry.port));
+            }
+            if let Some(other) = by_port.insert((node, entry.port), format!("{id} key {}", entry.key)) {
+                fail(format!("port {} is held twice: by {other} and by {id} key {}", entry.port, entry.key));
+            }
+            let (ns, name) = id.split_once('/').unwrap_or_default();
+            held.entry(node).or_default().insert((entry.port, ns.to_owned(), name.to_owned(), entry.key.clone()));
+        }
+    }
+    for agent in agents {
+        let node = agent.node.as_str();
+        if !agent.ready {
+            violations.push(Violation { node: node.to_owned(), message: "agent is not ready".into() });
+            continue;
+        }
+        let memory: BTreeSet<Entry> =
+            agent.ports.iter().map(|e| (e.port, e.namespace.clone(), e.name.clone(), e.key.clone())).collect();
+        let statuses = held.get(node).cloned().unwrap_or_default();
+        for (port, ns, name, key) in memory.difference(&statuses) {
+            violations.push(Violation {
+                node: node.to_owned(),
+                message: format!("agent holds port {port} for {ns}/{name} key {key}, which no status records"),
+            });
+        }
+        for (port, ns, name, key) in statuses.difference(&memory) {
+            violations.push(Violation {
+                node: node.to_owned(),
+                message: format!(
+                    "status of {ns}/{name} records port {port} for key {key}, which the agent does not hold"
+                ),
+            });
+        }
+    }
+    violations
+}
+
+/// Fetches an agent's `/debug/table` from `http://host:port`.
+pub async fn fetch_agent_table(base: &str) -> Result<AgentTable, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("connect {host}: {e}"))?;
+    let request = format!("GET /debug/table HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send to {host}: {e}"))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.map_err(|e| format!("read from {host}: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{host}: malformed HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("{host}: {}", head.lines().next().unwrap_or_default()));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{host}: /debug/table is not the expected JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn object(name: &str, node: &str, keys: &[&str], ports: &[(&str, u16)], ready: bool) -> PortAssignment {
+        let mut o = PortAssignment::new(
+            name,
+            PortAssignmentSpec {
+                node_name: node.into(),
+                protocol: Protocol::Tcp,
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+            },
+        );
+        o.metadata.namespace = Some("ns".into());
+        o.metadata.generation = Some(1);
+        o.status = Some(PortAssignmentStatus {
+            observed_generation: Some(1),
+            ports: ports.iter().map(|(k, p)| PortEntry { key: k.to_string(), port: *p }).collect(),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                reason: "Allocated".into(),
+                message: String::new(),
+                observed_generation: Some(1),
+                last_transition_time: Time(Timestamp::now()),
+            }],
+            ..Default::default()
+        });
+        o
+    }
+
+    fn agent(node: &str, ports: &[(u16, &str, &str)]) -> AgentTable {
+        AgentTable {
+            node: node.into(),
+            range: "100-199".into(),
+            ready: true,
+            ports: ports
+                .iter()
+                .map(|(p, name, key)| AgentEntry {
+                    port: *p,
+                    namespace: "ns".into(),
+                    name: name.to_string(),
+                    key: key.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn run(objects: &[PortAssignment], agents: &[AgentTable]) -> Vec<String> {
+        check(objects, agents, &Expectations::default(), Timestamp::now()).iter().map(|v| v.to_string()).collect()
+    }
+
+    #[test]
+    fn a_consistent_cluster_passes() {
+        let objects = [
+            object("a", "n1", &["k1", "k2"], &[("k1", 100), ("k2", 101)], true),
+            object("b", "n2", &["k1"], &[("k1", 100)], true),
+        ];
+        assert!(run(&objects, &[agent("n1", &[(100, "a", "k1"), (101, "a", "k2")])]).is_empty());
+    }
+
+    #[test]
+    fn finds_every_kind_of_violation() {
+        let mut stuck = object("gone", "n1", &["k"], &[("k", 150)], true);
+        stuck.metadata.deletion_timestamp =
+            Some(Time(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(600)));
+        let objects = [
+            object("a", "n1", &["k1", "k2"], &[("k1", 100)], true),
+            object("b", "n1", &["x"], &[("x", 100), ("old", 300)], false),
+            stuck,
+        ];
+        let found = run(&objects, &[agent("n1", &[(100, "a", "k1"), (120, "a", "leak")])]);
+        let expect = [
+            "a is Ready but key k2 has no port",
+            "port 100 is held twice",
+            "records a port for key old that is not in spec",
+            "port 300 outside the range 100-199",
+            "ns/gone is stuck deleting",
+            "agent holds port 120 for ns/a key leak, which no status records",
+            "records port 100 for key x, which the agent does not hold",
+        ];
+        for e in expect {
+            assert!(found.iter().any(|f| f.contains(e)), "missing {e:?} in {found:#?}");
+        }
+    }
+
+    #[test]
+    fn unreconciled_objects_fail_only_when_settled_is_expected() {
+        let mut o = object("a", "n1", &["k1"], &[], false);
+        o.metadata.generation = Some(2);
+        assert_eq!(run(std::slice::from_ref(&o), &[]).len(), 1);
+        let relaxed = Expectations { settled: false, ..Default::default() };
+        assert!(check(&[o], &[], &relaxed, Timestamp::now()).is_empty());
+    }
+}
