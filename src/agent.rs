@@ -183,7 +183,9 @@ async fn run(
 
     let watch = watcher::Config::default().fields(&selector);
     let stop = shutdown.clone();
-    Controller::new(api, watch)
+    let controller = Controller::new(api, watch);
+    tokio::spawn(release_vanished(controller.store(), ctx.clone(), shutdown.clone()));
+    controller
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(async move { stop.cancelled().await })
@@ -199,6 +201,47 @@ async fn run(
         .await;
     ready.store(false, Ordering::SeqCst);
     info!("agent stopped");
+}
+
+/// How often the table is compared with the watched objects.
+const VANISHED_CHECK: Duration = Duration::from_secs(5);
+
+/// Releases the ports of objects that disappeared without the agent's cleanup (their
+/// finalizer was removed by hand, or the object was force-deleted): the watch reports
+/// no reconcile for them, so the table is compared with the watched objects, and each
+/// object missing there is confirmed gone with the API server before its ports are freed.
+async fn release_vanished(
+    store: kube::runtime::reflector::Store<DeserializeGuard<PortAssignment>>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(VANISHED_CHECK) => {}
+        }
+        let held = ctx.table().object_ids();
+        for id in held {
+            let reference = kube::runtime::reflector::ObjectRef::new(&id.name).within(&id.namespace);
+            if store.get(&reference).is_some() {
+                continue;
+            }
+            let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
+            match api.get_opt(&id.name).await {
+                Ok(None) => {
+                    let released = ctx.table().release_object(&id);
+                    ctx.metrics.released(released.ports.len());
+                    ctx.wake_waiting(&released);
+                    warn!(object = %id, ports = released.ports.len(), "object vanished without its finalizer running: released its ports");
+                }
+                Ok(Some(_)) => {}
+                Err(error) => warn!(object = %id, %error, "could not confirm that an object is gone"),
+            }
+        }
+    }
 }
 
 /// The field selector that limits the agent to its node's objects.

@@ -146,6 +146,8 @@ pub mod reason {
     pub const RANGE_EXHAUSTED: &str = "RangeExhausted";
     /// Ports of the range are unassigned but busy on the node (bound by other programs).
     pub const PORT_CONFLICT: &str = "PortConflict";
+    /// The node does not exist (any more): the janitor released the object's ports.
+    pub const NODE_NOT_FOUND: &str = "NodeNotFound";
 }
 
 impl PortAssignment {

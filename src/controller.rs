@@ -9,6 +9,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
+    api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -75,8 +76,12 @@ impl Context {
 
     /// Publishes an event without delaying the reconcile; a failure is only logged.
     pub fn publish(&self, object: &PortAssignment, type_: EventType, reason: &str, note: String) {
+        self.publish_on(object.object_ref(&()), type_, reason, note);
+    }
+
+    /// Publishes an event about the object `reference` points to.
+    pub fn publish_on(&self, reference: ObjectReference, type_: EventType, reason: &str, note: String) {
         let recorder = self.recorder.clone();
-        let reference = object.object_ref(&());
         let event = Event {
             type_,
             reason: reason.into(),
@@ -91,7 +96,8 @@ impl Context {
         });
     }
 
-    fn wake_waiting(&self, released: &Released) {
+    /// Asks the controller to retry the objects that were short of ports.
+    pub(crate) fn wake_waiting(&self, released: &Released) {
         for id in &released.wake {
             let _ = self.wake.send(ObjectRef::new(&id.name).within(&id.namespace));
         }
@@ -223,6 +229,17 @@ async fn reconcile_invalid(
     let id = ObjectId::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
     warn!(object = %id, error = %invalid.error, "skipping a PortAssignment that cannot be decoded");
     ctx.metrics.invalid_object();
+    let reference = ObjectReference {
+        api_version: Some(PortAssignment::api_version(&()).into()),
+        kind: Some(PortAssignment::kind(&()).into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        field_path: None,
+    };
+    let note = format!("this agent cannot read the object ({}); it assigns no ports to it", invalid.error);
+    ctx.publish_on(reference, EventType::Warning, "InvalidObject", note);
     let has_finalizer = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
     if meta.deletion_timestamp.is_none() || !has_finalizer {
         return Ok(Action::await_change());

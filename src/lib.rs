@@ -6,6 +6,7 @@
 //! - [`probe`]: checks a port is free by binding it.
 //! - [`controller`]: the reconcile loop.
 //! - [`agent`]: wiring, rebuild at start, health and metrics.
+//! - [`janitor`]: releases objects of nodes that are gone.
 //! - [`checker`]: the independent invariant checker.
 //! - [`lookup`]: key→port and port→key lookups for operators.
 
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod api;
 pub mod checker;
 pub mod controller;
+pub mod janitor;
 pub mod lookup;
 pub mod metrics;
 pub mod probe;

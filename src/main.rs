@@ -30,8 +30,29 @@ enum Command {
     Key(KeyArgs),
     /// Which key holds a port on a node.
     Port(PortArgs),
+    /// Release PortAssignments of nodes that no longer exist (run once per cluster).
+    Janitor(JanitorArgs),
     /// Check every guarantee against the statuses and the agents' tables; exit 1 on a violation.
     Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct JanitorArgs {
+    /// Seconds a node must be missing before its objects are released.
+    #[arg(long, env = "PORTASSIGN_JANITOR_GRACE", default_value_t = 300)]
+    grace: u64,
+    /// Seconds between two looks.
+    #[arg(long, env = "PORTASSIGN_JANITOR_INTERVAL", default_value_t = 30)]
+    interval: u64,
+    /// Namespace of the Lease that makes one janitor act at a time.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Identity in the Lease (the pod name in a cluster; default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Log line format.
+    #[arg(long, env = "PORTASSIGN_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -126,6 +147,16 @@ async fn main() -> ExitCode {
             run_lookup(lookup::Query::Port { port: args.port, node: args.node }, node, args.lookup).await
         }
         Command::Check(args) => run_check(args).await,
+        Command::Janitor(args) => {
+            telemetry::init(args.log_format);
+            match run_janitor(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    error!("{message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Agent(args) => {
             telemetry::init(args.log_format);
             match run_agent(args).await {
@@ -225,6 +256,31 @@ async fn run_lookup(query: lookup::Query, node: Option<String>, args: LookupArgs
     }
     print!("{}", lookup::render(&matches, args.output));
     ExitCode::SUCCESS
+}
+
+async fn run_janitor(args: JanitorArgs) -> Result<(), String> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("no Kubernetes client configuration ({e}): set KUBECONFIG or run in a pod with a service account")
+    })?;
+    let identity = args
+        .pod_name
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| format!("janitor-{}", std::process::id()));
+    let config = portassign::janitor::Config {
+        grace: std::time::Duration::from_secs(args.grace),
+        interval: std::time::Duration::from_secs(args.interval.max(1)),
+        lease_namespace: args.lease_namespace,
+        identity,
+        lease_duration: std::time::Duration::from_secs(15),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        token.cancel();
+    });
+    portassign::janitor::run(client, config, shutdown).await;
+    Ok(())
 }
 
 async fn run_agent(args: AgentArgs) -> Result<(), String> {

@@ -232,6 +232,11 @@ impl PortTable {
         self.objects.len()
     }
 
+    /// The objects holding at least one port.
+    pub fn object_ids(&self) -> Vec<ObjectId> {
+        self.objects.keys().map(|id| ObjectId::clone(id)).collect()
+    }
+
     /// Who holds `port`, if anyone.
     pub fn holder(&self, port: u16) -> Option<&Holder> {
         self.holders.get(&port)

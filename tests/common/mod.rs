@@ -132,9 +132,13 @@ pub struct World {
 }
 
 impl World {
-    /// Creates the namespace.
+    /// Creates the namespace on the shared test control plane.
     pub async fn new(test: &str) -> Self {
-        let client = client().await;
+        Self::with_client(client().await, test).await
+    }
+
+    /// Creates the namespace on the cluster of `client`.
+    pub async fn with_client(client: Client, test: &str) -> Self {
         let ns = unique(test);
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let mut namespace = Namespace::default();
