@@ -215,13 +215,15 @@ async fn release_vanished(
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(VANISHED_CHECK) => {}
+        }
+        // Polled once per pass rather than awaited: the store's readiness signal wakes
+        // only the last task that waited on it, and the controller waits on it too.
+        if !matches!(futures::FutureExt::now_or_never(store.wait_until_ready()), Some(Ok(()))) {
+            continue;
         }
         let held = ctx.table().object_ids();
         for id in held {
@@ -232,7 +234,15 @@ async fn release_vanished(
             let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
             match api.get_opt(&id.name).await {
                 Ok(None) => {
-                    let released = ctx.table().release_object(&id);
+                    // Checked again under the table lock: a new object of the same name
+                    // enters the store before any reconcile of it can take ports.
+                    let released = {
+                        let mut table = ctx.table();
+                        if store.get(&reference).is_some() {
+                            continue;
+                        }
+                        table.release_object(&id)
+                    };
                     ctx.metrics.released(released.ports.len());
                     ctx.wake_waiting(&released);
                     warn!(object = %id, ports = released.ports.len(), "object vanished without its finalizer running: released its ports");

@@ -180,7 +180,19 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
 
     let status = desired_status(object, &reservation);
     if object.status.as_ref() != Some(&status) {
-        write_status(object, &status, ctx).await.map_err(|source| Error::WriteStatus { object: id.clone(), source })?;
+        match write_status(object, &status, ctx).await {
+            Ok(()) => {}
+            // The object is gone (deleted while this reconcile ran on a cached copy): no
+            // status records its ports any more, so nothing else will release them.
+            Err(kube::Error::Api(response)) if response.code == 404 => {
+                let released = ctx.table().release_object(&id);
+                ctx.metrics.released(released.ports.len());
+                ctx.wake_waiting(&released);
+                debug!(object = %id, "object vanished during reconcile: released its ports");
+                return Ok(Action::await_change());
+            }
+            Err(source) => return Err(Error::WriteStatus { object: id.clone(), source }),
+        }
     }
     let released = ctx.table().commit(&id, &reservation.ports);
     ctx.metrics.released(released.ports.len());

@@ -65,6 +65,8 @@ pub fn kubeconfig() -> &'static Path {
 
 /// A client for the test control plane (admin credentials).
 pub async fn client() -> Client {
+    // The in-process agents log to the test's captured output (shown when a test fails).
+    portassign::telemetry::init(portassign::telemetry::LogFormat::Human);
     let path = kubeconfig();
     let kubeconfig =
         Kubeconfig::read_from(path).unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}", path.display()));
@@ -456,6 +458,7 @@ impl OwnControlPlane {
 
     /// An admin client.
     pub async fn client(&self) -> Client {
+        portassign::telemetry::init(portassign::telemetry::LogFormat::Human);
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("config");
         let client = Client::try_from(config).expect("client");
