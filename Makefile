@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart chaos lint fmt crd tools build image control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart chaos e2e e2e-kind lint fmt crd tools build image control-plane-up control-plane-down clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 run: ## Local control plane (or $$KUBECONFIG's cluster) + agent + example; Ctrl-C stops it all
 	hack/run-local.sh
@@ -21,6 +21,12 @@ chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minu
 
 test-chart: ## Helm chart checks, install and RBAC proof against $$KUBECONFIG's cluster
 	hack/test-chart.sh
+
+e2e: ## End-to-end suite on a local control plane: chart installed, agents as local processes
+	hack/e2e-local.sh
+
+e2e-kind: ## Same end-to-end suite on a kind cluster, agents as the chart's DaemonSet (needs Docker)
+	hack/e2e-kind.sh
 
 lint: ## Formatting and clippy, warnings denied
 	$(CARGO) fmt --all -- --check

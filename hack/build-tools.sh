@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm from their Go modules at the
-# pinned versions in hack/versions.env, into a cache outside the repository:
+# Builds kube-apiserver, kubectl, etcd and helm (and, on request, kind) from their Go
+# modules at the pinned versions in hack/versions.env, into a cache outside the repository:
 #   ${PORTASSIGN_TOOLS_CACHE:-$HOME/.cache/portassign/tools}/<tool>-<version>/<tool>
 # A tool already in the cache is reused. Prints the bin directory of each tool.
 #
-# Usage: hack/build-tools.sh [kube-apiserver|kubectl|etcd|helm ...]  (default: all)
+# Usage: hack/build-tools.sh [kube-apiserver|kubectl|etcd|helm|kind ...]
+#   (default: all but kind, which only `make e2e-kind` needs)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -111,6 +112,17 @@ build_helm() {
   echo "$out"
 }
 
+# kind (for `make e2e-kind`): `go install` builds it with its own go.mod, as kind's docs do.
+build_kind() {
+  local out; out=$(tool_dir kind "$KIND_VERSION")
+  [ -x "$out/kind" ] && { echo "$out"; return; }
+  log "building kind $KIND_VERSION"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION" >&2
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kubectl helm)
 for t in "${tools[@]}"; do
@@ -118,6 +130,7 @@ for t in "${tools[@]}"; do
     kube-apiserver|kubectl) build_kubernetes_tool "$t" ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
+    kind) build_kind ;;
     *) log "unknown tool: $t"; exit 2 ;;
   esac
 done

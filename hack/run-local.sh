@@ -38,7 +38,7 @@ fi
 
 say "Building portassign"
 cargo build --quiet
-bin=target/debug/portassign
+bin=${CARGO_TARGET_DIR:-target}/debug/portassign
 
 say "Installing the CRD"
 "$bin" crd | kubectl apply --server-side --force-conflicts -f -

@@ -18,18 +18,13 @@
 # The release namespace is left too: without a controller-manager a deleted namespace
 # stays Terminating and would block the next run.
 set -Eeuo pipefail
-
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
 
 : "${KUBECONFIG:?set KUBECONFIG to the admin kubeconfig of a running cluster, e.g. KUBECONFIG=\$(hack/control-plane.sh up /tmp/pa-chart)}"
 export KUBECONFIG
-if [ -z "${HELM:-}" ] || [ -z "${KUBECTL:-}" ]; then
-  tool_dirs=$(hack/build-tools.sh helm kubectl)
-  HELM=${HELM:-$(sed -n 1p <<<"$tool_dirs")/helm}
-  KUBECTL=${KUBECTL:-$(sed -n 2p <<<"$tool_dirs")/kubectl}
-fi
-PORTASSIGN_BIN=${PORTASSIGN_BIN:-$repo/target/debug/portassign}
+resolve_tools helm kubectl
 NAMESPACE=${CHART_TEST_NAMESPACE:-portassign-system}
 
 CHART=charts/portassign
@@ -46,10 +41,10 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/portassign-chart-test.XXXXXX")
 started=$(date +%s)
 
 # ---------------------------------------------------------------------------------------
-# Reporting: every step is PASS, FAIL or NOT RUN in the summary printed on exit.
+# Reporting (hack/lib.sh): every step is PASS, FAIL or NOT RUN in the summary printed on exit.
 
-steps=(a b c d e f g h i)
-declare -A title=(
+STEPS=(a b c d e f g h i)
+TITLE=(
   [a]="chart CRD is byte-identical to crds/portassignment.yaml"
   [b]="helm lint --strict (default + ci/ values)"
   [c]="helm template | kubectl apply --dry-run=server (default + ci/ values, examples)"
@@ -60,40 +55,16 @@ declare -A title=(
   [h]="helm upgrade changes the DaemonSet; helm uninstall removes it, keeps the CRD"
   [i]="cleanup: agent stopped, test objects removed"
 )
-declare -A result=()
-current=""
-
-step() {
-  current=$1
-  printf '\n=== %s. %s\n' "$1" "${title[$1]}"
-}
-pass() { result[$current]=PASS; printf -- '--- %s. PASS\n' "$current"; }
-log() { printf '    %s\n' "$*"; }
-die() {
-  printf '\nFAIL (step %s): %s\n' "${current:-setup}" "$*" >&2
-  if [ -s "${agent_log:-}" ] && grep -qi forbidden "$agent_log"; then
-    echo "    the agent was refused by the API server (missing RBAC?):" >&2
-    grep -i -m 5 forbidden "$agent_log" | cut -c 1-400 | sed 's/^/      /' >&2
-  fi
-  exit 1
-}
-trap 'rc=$?; printf "\nFAIL (step %s): command exited %s at line %s: %s\n" "${current:-setup}" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
-
-# wait_until SECONDS WHAT COMMAND...: polls COMMAND every half second until it succeeds.
-wait_until() {
-  local timeout=$1 what=$2; shift 2
-  local deadline=$(($(date +%s) + timeout))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-      die "timed out after ${timeout}s waiting until $what"
-    fi
-    agent_alive_or_die
-    sleep 0.5
-  done
-}
 
 agent_pid=""
 agent_log=$work/agent.log
+on_die() {
+  if [ -s "$agent_log" ] && grep -qi forbidden "$agent_log"; then
+    echo "    the agent was refused by the API server (missing RBAC?):" >&2
+    grep -i -m 5 forbidden "$agent_log" | cut -c 1-400 | sed 's/^/      /' >&2
+  fi
+}
+on_poll() { agent_alive_or_die; }
 agent_alive_or_die() {
   if [ -n "$agent_pid" ] && ! kill -0 "$agent_pid" 2>/dev/null; then
     agent_pid=""
@@ -113,11 +84,9 @@ cleanup() {
   local rc=$?
   trap - ERR
   set +e
-  if [ "$rc" -ne 0 ] && [ -n "$current" ] && [ -z "${result[$current]:-}" ]; then
-    result[$current]=FAIL
-  fi
+  mark_failed "$rc"
   current=i
-  printf '\n=== i. %s\n' "${title[i]}"
+  printf '\n=== i. %s\n' "${TITLE[i]}"
   local clean=PASS
   if [ -n "$test_ns" ]; then
     # Delete the test object while the agent still runs so its finalizer is removed;
@@ -131,14 +100,11 @@ cleanup() {
     log "deleted namespace $test_ns"
   fi
   if [ -n "$agent_pid" ]; then
-    kill -TERM "$agent_pid" 2>/dev/null
-    for _ in $(seq 1 50); do kill -0 "$agent_pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$agent_pid" 2>/dev/null; then
-      kill -KILL "$agent_pid" 2>/dev/null; clean=FAIL; log "the agent ignored SIGTERM for 5s: killed"
-    else
+    if stop_process "$agent_pid"; then
       log "agent (pid $agent_pid) stopped on SIGTERM"
+    else
+      clean=FAIL; log "the agent ignored SIGTERM for 5s: killed"
     fi
-    wait "$agent_pid" 2>/dev/null
   fi
   if [ -n "$installed" ]; then
     "$HELM" uninstall "$RELEASE" -n "$NAMESPACE" >/dev/null 2>&1 || clean=FAIL
@@ -153,17 +119,9 @@ cleanup() {
       log "agent log kept at ${TMPDIR:-/tmp}/portassign-chart-test-agent.log"
   fi
   rm -rf "$work"
-  result[i]=$clean
+  RESULT[i]=$clean
   printf -- '--- i. %s\n' "$clean"
-
-  printf '\n=== Summary (%ss)\n' "$(($(date +%s) - started))"
-  local s overall=PASS
-  for s in "${steps[@]}"; do
-    printf '  %-7s %s. %s\n' "${result[$s]:-NOT RUN}" "$s" "${title[$s]}"
-    [ "${result[$s]:-}" = PASS ] || overall=FAIL
-  done
-  printf '%s\n' "$overall"
-  [ "$overall" = PASS ] || exit 1
+  print_summary "$started" || exit 1
 }
 trap cleanup EXIT
 
@@ -368,45 +326,16 @@ pass
 
 # ---------------------------------------------------------------------------------------
 step f
-token=$("$KUBECTL" create token "$SA" -n "$NAMESPACE" --duration=1h) || die "could not mint a token for $NAMESPACE/$SA"
-server=$("$KUBECTL" config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
-ca_data=$("$KUBECTL" config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
-if [ -z "$ca_data" ]; then
-  ca_file=$("$KUBECTL" config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority}')
-  [ -n "$ca_file" ] || die "the admin kubeconfig names no certificate authority for $server"
-  ca_data=$(base64 -w0 <"$ca_file")
-fi
 agent_kubeconfig=$work/agent.kubeconfig
-cat >"$agent_kubeconfig" <<YAML
-apiVersion: v1
-kind: Config
-clusters:
-- name: cluster
-  cluster: {server: "$server", certificate-authority-data: "$ca_data"}
-users:
-- name: $SA
-  user: {token: "$token"}
-contexts:
-- name: agent
-  context: {cluster: cluster, user: $SA}
-current-context: agent
-YAML
-chmod 600 "$agent_kubeconfig"
-whoami=$(KUBECONFIG=$agent_kubeconfig "$KUBECTL" auth whoami -o jsonpath='{.status.userInfo.username}')
-[ "$whoami" = "system:serviceaccount:$NAMESPACE:$SA" ] || die "the minted kubeconfig authenticates as '$whoami'"
-log "kubeconfig for $whoami written"
+sa_kubeconfig "$NAMESPACE" "$SA" "$agent_kubeconfig"
+log "kubeconfig for system:serviceaccount:$NAMESPACE:$SA written"
 
-env -u NODE_NAME -u POD_NAME -u PORTASSIGN_PORT_RANGE -u PORTASSIGN_CONCURRENCY -u PORTASSIGN_LISTEN \
-  -u PORTASSIGN_LOG_FORMAT KUBECONFIG="$agent_kubeconfig" RUST_LOG=info \
-  "$PORTASSIGN_BIN" agent --node-name "$AGENT_NODE" --listen 127.0.0.1:0 \
-  --port-range "$AGENT_RANGE_FIRST-$AGENT_RANGE_LAST" --pod-name chart-test-agent --log-format human \
-  >"$agent_log" 2>&1 &
-agent_pid=$!
-agent_http() { sed -n 's/.*agent starting.* http=\([0-9.:]*\).*/\1/p;T;q' "$agent_log" | grep .; }
-wait_until 30 "the agent logs its HTTP address" agent_http
-http=$(agent_http)
+start_agent "$agent_kubeconfig" "$AGENT_NODE" "$AGENT_RANGE_FIRST-$AGENT_RANGE_LAST" chart-test-agent "$agent_log"
+agent_pid=$AGENT_PID
+wait_until 30 "the agent logs its HTTP address" agent_http "$agent_log"
+http=$(agent_http "$agent_log")
 # /readyz turns 200 once the table is rebuilt, which needs the cluster-wide list.
-wait_until 30 "the agent is ready (table rebuilt from a cluster-wide list)" curl -fsS "http://$http/readyz"
+wait_until 30 "the agent is ready (table rebuilt from a cluster-wide list)" agent_ready "$agent_log"
 log "agent (pid $agent_pid) ready on http://$http"
 
 test_ns=chart-rbac-$(date +%s)-$$

@@ -31,4 +31,7 @@ if [ -x hack/test-chart.sh ]; then
   KUBECONFIG=$PORTASSIGN_TEST_KUBECONFIG hack/test-chart.sh
 fi
 
+step "end-to-end suite (local provider: chart installed, agents under its ServiceAccount)"
+E2E_KUBECONFIG=$PORTASSIGN_TEST_KUBECONFIG hack/e2e-local.sh
+
 step "all tests passed in $(( $(date +%s) - started ))s"
