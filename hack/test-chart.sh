@@ -43,7 +43,7 @@ started=$(date +%s)
 # ---------------------------------------------------------------------------------------
 # Reporting (hack/lib.sh): every step is PASS, FAIL or NOT RUN in the summary printed on exit.
 
-STEPS=(a b c d e f g h i)
+STEPS=(a b c d e f g j h i)
 TITLE=(
   [a]="chart CRD is byte-identical to crds/portassignment.yaml"
   [b]="helm lint --strict (default + ci/ values)"
@@ -52,12 +52,14 @@ TITLE=(
   [e]="helm install; release deployed, DaemonSet/ServiceAccount/RBAC as specified"
   [f]="agent with the chart's ServiceAccount token assigns, grows, shrinks, releases"
   [g]="kubectl auth can-i: exactly the needed permissions"
+  [j]="janitor with its ServiceAccount token: takes the Lease; can-i exactly its calls"
   [h]="helm upgrade changes the DaemonSet; helm uninstall removes it, keeps the CRD"
   [i]="cleanup: agent stopped, test objects removed"
 )
 
 agent_pid=""
 agent_log=$work/agent.log
+janitor_pid=""
 on_die() {
   if [ -s "$agent_log" ] && grep -qi forbidden "$agent_log"; then
     echo "    the agent was refused by the API server (missing RBAC?):" >&2
@@ -105,6 +107,10 @@ cleanup() {
     else
       clean=FAIL; log "the agent ignored SIGTERM for 5s: killed"
     fi
+  fi
+  if [ -n "$janitor_pid" ]; then
+    stop_process "$janitor_pid" || clean=FAIL
+    log "janitor (pid $janitor_pid) stopped"
   fi
   if [ -n "$installed" ]; then
     "$HELM" uninstall "$RELEASE" -n "$NAMESPACE" >/dev/null 2>&1 || clean=FAIL
@@ -486,6 +492,55 @@ cannot '*' '*' --all-namespaces
 pass
 
 # ---------------------------------------------------------------------------------------
+step j
+JANITOR=$FULLNAME-janitor
+"$KUBECTL" get "deployment/$JANITOR" "serviceaccount/$JANITOR" "role/$JANITOR" "rolebinding/$JANITOR" -n "$NAMESPACE" >/dev/null ||
+  die "the janitor's Deployment, ServiceAccount, Role or RoleBinding is missing"
+"$KUBECTL" get "clusterrole/$JANITOR" "clusterrolebinding/$JANITOR" >/dev/null || die "the janitor's ClusterRole is missing"
+expect_jsonpath "deployment/$JANITOR" "$NAMESPACE" '{.spec.template.spec.containers[0].args}' \
+  '["janitor","--grace=300","--interval=30","--log-format=json"]'
+janitor_kubeconfig=$work/janitor.kubeconfig
+sa_kubeconfig "$NAMESPACE" "$JANITOR" "$janitor_kubeconfig"
+# A grace period of an hour: it takes the Lease and lists nodes and objects, but releases
+# nothing (the shared test cluster has objects of nodes that do not exist).
+janitor_log=$work/janitor.log
+KUBECONFIG=$janitor_kubeconfig RUST_LOG=info "$PORTASSIGN_BIN" janitor --grace 3600 --interval 1 \
+  --lease-namespace "$NAMESPACE" --pod-name chart-test-janitor >"$janitor_log" 2>&1 &
+janitor_pid=$!
+lease_holder() { "$KUBECTL" get lease portassign-janitor -n "$NAMESPACE" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null; }
+held_by_test() { [ "$(lease_holder)" = chart-test-janitor ]; }
+wait_until 30 "the janitor holds its Lease" held_by_test
+sleep 2  # a few sweeps: nodes and PortAssignments listed with its own credentials
+if grep -iE "forbidden|failed" "$janitor_log"; then
+  die "the janitor's log has refusals (above): its RBAC lacks a permission"
+fi
+stop_process "$janitor_pid" || die "the janitor ignored SIGTERM"
+janitor_pid=""
+log "the janitor took the Lease and swept with its ServiceAccount's token; no refusals"
+as_janitor=(--as="system:serviceaccount:$NAMESPACE:$JANITOR" --as-group=system:serviceaccounts
+  --as-group="system:serviceaccounts:$NAMESPACE" --as-group=system:authenticated)
+jcan() { "$KUBECTL" auth can-i "$@" "${as_janitor[@]}" >/dev/null 2>&1 || die "the janitor cannot '$*'; it needs it"; log "janitor can    $*"; }
+jcannot() {
+  if "$KUBECTL" auth can-i "$@" "${as_janitor[@]}" >/dev/null 2>&1; then die "the janitor can '$*'; it must not"; fi
+  log "janitor cannot $*"
+}
+jcan list nodes
+jcan list portassignments.portassign.io --all-namespaces
+jcan patch portassignments.portassign.io --all-namespaces
+jcan patch portassignments.portassign.io --subresource=status --all-namespaces
+jcan create events.events.k8s.io -n "$NAMESPACE"
+jcan create leases.coordination.k8s.io -n "$NAMESPACE"
+jcan update leases.coordination.k8s.io/portassign-janitor -n "$NAMESPACE"
+jcannot update leases.coordination.k8s.io/some-other-lease -n "$NAMESPACE"
+jcannot create leases.coordination.k8s.io -n default
+jcannot delete nodes
+jcannot delete portassignments.portassign.io --all-namespaces
+jcannot create portassignments.portassign.io --all-namespaces
+jcannot get secrets --all-namespaces
+jcannot create pods -n "$NAMESPACE"
+pass
+
+# ---------------------------------------------------------------------------------------
 step h
 revision() { "$HELM" status "$RELEASE" -n "$NAMESPACE" | sed -n 's/^REVISION: //p'; }
 "$HELM" upgrade "$RELEASE" "$CHART" -n "$NAMESPACE" \
@@ -508,6 +563,8 @@ removed() {
 }
 wait_until 30 "the DaemonSet and ServiceAccount are deleted" removed "$NAMESPACE" "$ds" "serviceaccount/$SA"
 wait_until 30 "the ClusterRole and ClusterRoleBinding are deleted" removed "" "clusterrole/$FULLNAME" "clusterrolebinding/$FULLNAME"
+wait_until 30 "the janitor's resources are deleted" removed "$NAMESPACE" "deployment/$JANITOR" "role/$JANITOR"
+wait_until 30 "the janitor's ClusterRole is deleted" removed "" "clusterrole/$JANITOR"
 "$KUBECTL" get "crd/$CRD" >/dev/null || die "helm uninstall removed the CRD; it must keep it (and the objects in it)"
 log "uninstalled: DaemonSet, ServiceAccount, ClusterRole, ClusterRoleBinding gone; CRD $CRD kept"
 pass

@@ -105,3 +105,29 @@ Whether the agent needs to bind ports below 1024.
 {{- define "portassign.bindsPrivilegedPorts" -}}
 {{- if or (lt (int .Values.portRange.first) 1024) (lt (int .Values.metricsPort) 1024) }}true{{- end }}
 {{- end }}
+
+{{/*
+Name of the janitor's resources (Deployment, ServiceAccount, RBAC).
+*/}}
+{{- define "portassign.janitorName" -}}
+{{- printf "%s-janitor" (include "portassign.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels that select the janitor pods (immutable within a release, like the agent's).
+*/}}
+{{- define "portassign.janitorSelectorLabels" -}}
+{{ include "portassign.selectorLabels" . }}
+app.kubernetes.io/component: janitor
+{{- end }}
+
+{{/*
+Labels on every janitor resource.
+*/}}
+{{- define "portassign.janitorLabels" -}}
+helm.sh/chart: {{ include "portassign.chart" . }}
+{{ include "portassign.janitorSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: portassign
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
