@@ -96,6 +96,14 @@ impl Context {
         });
     }
 
+    /// Releases every port `object` holds, counts them and wakes objects waiting for a port.
+    pub(crate) fn release_object(&self, object: &ObjectId) -> usize {
+        let released = self.table().release_object(object);
+        self.metrics.released(released.ports.len());
+        self.wake_waiting(&released);
+        released.ports.len()
+    }
+
     /// Asks the controller to retry the objects that were short of ports.
     pub(crate) fn wake_waiting(&self, released: &Released) {
         for id in &released.wake {
@@ -185,10 +193,8 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
             // The object is gone (deleted while this reconcile ran on a cached copy): no
             // status records its ports any more, so nothing else will release them.
             Err(kube::Error::Api(response)) if response.code == 404 => {
-                let released = ctx.table().release_object(&id);
-                ctx.metrics.released(released.ports.len());
-                ctx.wake_waiting(&released);
-                debug!(object = %id, "object vanished during reconcile: released its ports");
+                let released = ctx.release_object(&id);
+                debug!(object = %id, released, "object vanished during reconcile: released its ports");
                 return Ok(Action::await_change());
             }
             Err(source) => return Err(Error::WriteStatus { object: id.clone(), source }),
@@ -223,10 +229,8 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
 /// being deleted holds no ports, whatever its status says.
 fn cleanup(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
     let id = object_id(object);
-    let released = ctx.table().release_object(&id);
-    ctx.metrics.released(released.ports.len());
-    ctx.wake_waiting(&released);
-    info!(object = %id, released = released.ports.len(), "object deleted: released its ports");
+    let released = ctx.release_object(&id);
+    info!(object = %id, released, "object deleted: released its ports");
     Ok(Action::await_change())
 }
 
@@ -256,8 +260,7 @@ async fn reconcile_invalid(
     if meta.deletion_timestamp.is_none() || !has_finalizer {
         return Ok(Action::await_change());
     }
-    let released = ctx.table().release_object(&id);
-    ctx.wake_waiting(&released);
+    ctx.release_object(&id);
     let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
     let remaining: Vec<&String> = meta.finalizers.iter().flatten().filter(|f| *f != FINALIZER).collect();
     let patch = json!({ "metadata": { "finalizers": remaining, "resourceVersion": meta.resource_version } });
