@@ -15,66 +15,59 @@ pub trait PortProbe: Send + Sync {
     fn is_free(&self, port: u16, protocol: Protocol) -> bool;
 }
 
-/// Binds the real sockets: the wildcard IPv4 address and, when the node has IPv6, the
-/// wildcard IPv6 address (IPv6-only, so both families are checked on their own), for
-/// TCP and/or UDP. The sockets are closed again at once.
+/// Binds the real sockets, for TCP and/or UDP, and closes them again at once. Where the
+/// node has IPv6, one dual-stack socket bound to `[::]` (IPV6_V6ONLY off) checks both
+/// families in one bind: Linux refuses it when any IPv4 or IPv6 address holds the port.
+/// Without IPv6, the IPv4 wildcard `0.0.0.0` is bound.
 #[derive(Clone, Debug)]
 pub struct SocketProbe {
-    ipv6: bool,
+    dual_stack: bool,
 }
 
 impl SocketProbe {
-    /// A probe that checks IPv6 too when this host can bind an IPv6 socket.
+    /// A probe that binds the dual-stack wildcard when this host can, else IPv4's.
     pub fn detect() -> Self {
-        Self { ipv6: ipv6_available() }
+        Self { dual_stack: bind(0, true, Type::STREAM, SockProtocol::TCP).is_ok() }
     }
 
-    /// Whether the probe also binds the IPv6 wildcard address.
+    /// Whether the probe also covers IPv6 (through a dual-stack socket).
     pub fn checks_ipv6(&self) -> bool {
-        self.ipv6
+        self.dual_stack
     }
 }
 
 impl PortProbe for SocketProbe {
     fn is_free(&self, port: u16, protocol: Protocol) -> bool {
-        let families: &[bool] = if self.ipv6 { &[false, true] } else { &[false] };
-        let kinds =
-            [(protocol.tcp(), Type::STREAM, SockProtocol::TCP), (protocol.udp(), Type::DGRAM, SockProtocol::UDP)];
-        // Hold every socket until all are bound: the port must be free for all at once.
-        let mut held = Vec::with_capacity(4);
-        for &v6 in families {
-            for &(wanted, ty, proto) in &kinds {
-                if !wanted {
-                    continue;
-                }
-                match bind(port, v6, ty, proto) {
-                    Ok(socket) => held.push(socket),
-                    Err(_) => return false,
-                }
+        // Both sockets are held until both are bound: TCPUDP must be free for both at once.
+        let tcp = if protocol.tcp() {
+            match bind(port, self.dual_stack, Type::STREAM, SockProtocol::TCP) {
+                Ok(socket) => Some(socket),
+                Err(_) => return false,
             }
-        }
-        true
+        } else {
+            None
+        };
+        let udp_free = !protocol.udp() || bind(port, self.dual_stack, Type::DGRAM, SockProtocol::UDP).is_ok();
+        drop(tcp);
+        udp_free
     }
 }
 
-/// Binds `port` on the wildcard address of one family. No `SO_REUSEADDR`: a port with
-/// connections still in TIME_WAIT counts as busy, which errs on the safe side.
-fn bind(port: u16, v6: bool, ty: Type, proto: SockProtocol) -> io::Result<Socket> {
-    let (domain, addr) = if v6 {
+/// Binds `port` on the wildcard address: `[::]` dual-stack, or `0.0.0.0`. No
+/// `SO_REUSEADDR`: a port with connections still in TIME_WAIT counts as busy, which errs
+/// on the safe side.
+fn bind(port: u16, dual_stack: bool, ty: Type, proto: SockProtocol) -> io::Result<Socket> {
+    let (domain, addr) = if dual_stack {
         (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
     } else {
         (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
     };
     let socket = Socket::new(domain, ty.cloexec(), Some(proto))?;
-    if v6 {
-        socket.set_only_v6(true)?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
     }
     socket.bind(&addr.into())?;
     Ok(socket)
-}
-
-fn ipv6_available() -> bool {
-    bind(0, true, Type::STREAM, SockProtocol::TCP).is_ok()
 }
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), if readable.
@@ -130,6 +123,24 @@ mod tests {
         socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into()).unwrap();
         let port = socket.local_addr().unwrap().as_socket().unwrap().port();
         assert!(!probe.is_free(port, Protocol::Tcp));
+    }
+
+    #[test]
+    fn ipv6_loopback_and_ipv4_loopback_udp_holders_are_seen() {
+        let probe = probe();
+        if probe.checks_ipv6() {
+            let v6 = TcpListener::bind("[::1]:0").unwrap();
+            assert!(!probe.is_free(v6.local_addr().unwrap().port(), Protocol::Tcp));
+        }
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(!probe.is_free(udp.local_addr().unwrap().port(), Protocol::TcpUdp));
+    }
+
+    #[test]
+    fn an_outgoing_connections_local_port_is_busy() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        assert!(!probe().is_free(client.local_addr().unwrap().port(), Protocol::Tcp));
     }
 
     #[test]
