@@ -16,6 +16,9 @@ test: ## Every check and test, against a real kube-apiserver + etcd built here
 test-unit: ## Unit and property tests only (no control plane)
 	$(CARGO) test --lib
 
+bench: ## Benchmarks vs the seed's algorithm and the API write floor; regenerates docs/benchmarks.md
+	hack/bench.sh
+
 chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minutes of churn
 	PORTASSIGN_CHAOS_SECONDS=180 PORTASSIGN_CHAOS_KILLS=30 $(CARGO) test --test chaos -- --nocapture
 

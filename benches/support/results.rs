@@ -1,0 +1,219 @@
+//! What the benchmark binaries measure, as the JSON that `report` reads.
+//!
+//! Raw measurements only (times, counts); every ratio is computed in one place, the
+//! report, so the Markdown and the target checks cannot disagree.
+#![allow(dead_code)]
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// Output of `benches/allocator.rs`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Allocator {
+    /// Range the project's table allocated from.
+    pub range: String,
+    /// Whether the probe also binds the IPv6 wildcard address on this host.
+    pub probe_ipv6: bool,
+    /// What single socket operations cost here (nanoseconds per call, median of
+    /// batches): what the probe is made of, and what cheaper probes would cost.
+    pub syscalls_ns: Vec<(String, f64)>,
+    /// One entry per number of assignments.
+    pub sizes: Vec<AllocatorSize>,
+}
+
+/// Assigning `n` ports from an empty table, repeated.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AllocatorSize {
+    /// Keys assigned per run.
+    pub n: usize,
+    /// Wall time of each project run (seconds).
+    pub project_runs_s: Vec<f64>,
+    /// Probe-syscall floor: wall time of `n` bare `SocketProbe::is_free` calls on the
+    /// same free ports, run next to each project run (seconds).
+    pub floor_runs_s: Vec<f64>,
+    /// Wall time of each seed-baseline run (seconds).
+    pub seed_runs_s: Vec<f64>,
+    /// Wall time of the last tenth of the assignments of each project run (seconds):
+    /// the marginal cost once the table is nearly full.
+    pub project_tail_s: Vec<f64>,
+    /// The same for the seed baseline.
+    pub seed_tail_s: Vec<f64>,
+    /// Keys the project no longer holds a port for at the end of each run.
+    pub project_lost: Vec<usize>,
+    /// Keys the seed baseline silently lost (their port went to a later key), per run.
+    pub seed_lost: Vec<usize>,
+    /// Size of the seed's JSON file after the last assignment (bytes).
+    pub seed_file_bytes: u64,
+}
+
+/// Output of `benches/cluster.rs`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Reconciles (agent) or objects (floor) in flight at once.
+    pub concurrency: u16,
+    /// Keys per object.
+    pub keys_per_object: usize,
+    /// Creates the bench keeps in flight while it makes the objects.
+    pub create_concurrency: usize,
+    /// One entry per system and size.
+    pub convergence: Vec<Convergence>,
+    /// Agent restart with a full node.
+    pub restart: Restart,
+}
+
+/// Which client converges the objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    /// The real `portassign agent` binary.
+    Agent,
+    /// The bench's minimal client: only the writes that cannot be avoided.
+    Floor,
+}
+
+impl System {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Agent => "agent",
+            System::Floor => "floor",
+        }
+    }
+}
+
+/// One create-then-delete run of `objects` objects.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Convergence {
+    /// Agent or floor.
+    pub system: System,
+    /// Objects created.
+    pub objects: usize,
+    /// First create sent → the bench's watch has seen every object Ready (seconds).
+    pub create_s: f64,
+    /// First create sent → last create answered (seconds).
+    pub creates_answered_s: f64,
+    /// Delete-collection sent → the bench's watch has seen every object gone (seconds).
+    pub delete_s: f64,
+    /// Whether every object became Ready and then went away within the time limit.
+    pub completed: bool,
+    /// Per-object create→Ready latency percentiles (milliseconds): create request sent
+    /// to the bench's watch event showing Ready=True with a port for every key.
+    pub latency_ms: Percentiles,
+    /// API requests on PortAssignments and Events during the create phase, by
+    /// "VERB resource[/subresource]" (and " code" when not 2xx), all clients.
+    pub create_requests: BTreeMap<String, u64>,
+    /// The same for the delete phase.
+    pub delete_requests: BTreeMap<String, u64>,
+    /// CPU seconds used during the create phase.
+    pub create_cpu: Cpu,
+    /// CPU seconds used during the delete phase.
+    pub delete_cpu: Cpu,
+    /// The agent's `portassign_reconciles_total` at the end of the run (agent only).
+    pub reconciles: Option<u64>,
+}
+
+/// Percentiles of a latency distribution, in milliseconds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// CPU seconds (user + system) of the processes involved in a phase.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct Cpu {
+    /// The agent or the floor process.
+    pub system: f64,
+    /// kube-apiserver.
+    pub apiserver: f64,
+    /// etcd.
+    pub etcd: f64,
+    /// The bench driver (creates, deletes, its own watch).
+    pub driver: f64,
+    /// Every process on the machine together (from `/proc/stat`), so that CPU taken by
+    /// other work on the shared machine shows.
+    #[serde(default)]
+    pub machine: f64,
+    /// Wall time of the phase, to read the CPU figures against.
+    pub wall: f64,
+}
+
+/// Restarting the agent on a node whose statuses hold `ports` ports.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Restart {
+    /// Objects on the node.
+    pub objects: usize,
+    /// Ports recorded in their statuses.
+    pub ports: usize,
+    /// One entry per agent start.
+    pub runs: Vec<RestartRun>,
+    /// Floor: a fresh client listing the node's objects page by page, as the rebuild
+    /// does (seconds per run).
+    pub list_floor_s: Vec<f64>,
+    /// The same agent started for a node with no objects: spawn → ready (seconds).
+    pub empty_ready_s: f64,
+    /// Its VmHWM half a second after ready (KiB): the agent's fixed cost.
+    pub empty_hwm_kib: u64,
+}
+
+/// One agent start.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RestartRun {
+    /// Process spawned → first `/readyz` 200 (seconds).
+    pub ready_s: f64,
+    /// Ports the agent's table holds at ready (`portassign_ports_assigned`).
+    pub ports_at_ready: u64,
+    /// VmHWM right after ready (KiB).
+    pub hwm_at_ready_kib: u64,
+    /// VmHWM once the agent has reconciled every object after the start (KiB).
+    pub hwm_settled_kib: u64,
+    /// VmRSS at the same moment (KiB).
+    pub rss_settled_kib: u64,
+    /// Ready → every object reconciled once (seconds).
+    pub settle_s: f64,
+    /// Writes (PATCH/APPLY/POST/PUT) on PortAssignments and Events from ready to settled.
+    pub writes_after_ready: u64,
+}
+
+/// Reads a JSON results file.
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
+}
+
+/// Writes a JSON results file.
+pub fn write<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+/// Median of a sample: the middle value, or the mean of the two middle values (0 for an
+/// empty sample).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The `q` quantile (0..=1) of a sample by nearest rank (0 for an empty one).
+pub fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
