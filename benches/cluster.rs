@@ -62,7 +62,7 @@ use tokio::sync::{Semaphore, watch};
 /// Keys per object.
 const KEYS: usize = 4;
 /// The agent's default `--concurrency`; the floor uses the same.
-const CONCURRENCY: u16 = 32;
+const CONCURRENCY: u16 = 256;
 /// Creates the bench keeps in flight.
 const CREATE_CONCURRENCY: usize = 32;
 /// Field manager of the floor's status writes.

@@ -314,7 +314,7 @@ expect_jsonpath "$ds" "$NAMESPACE" "{$pod.securityContext.runAsNonRoot} {$pod.se
 expect_jsonpath "$ds" "$NAMESPACE" "{$pod.containers[0].securityContext}" \
   '{"allowPrivilegeEscalation":false,"capabilities":{"drop":["ALL"]},"privileged":false,"readOnlyRootFilesystem":true}'
 expect_jsonpath "$ds" "$NAMESPACE" "{$pod.containers[0].args}" \
-  '["agent","--port-range=20000-29999","--concurrency=32","--listen=0.0.0.0:9477","--log-format=json"]'
+  '["agent","--port-range=20000-29999","--concurrency=256","--listen=0.0.0.0:9477","--log-format=json"]'
 expect_jsonpath "$ds" "$NAMESPACE" "{range $pod.containers[0].env[*]}{.name}={.valueFrom.fieldRef.fieldPath} {end}" \
   "NODE_NAME=spec.nodeName POD_NAME=metadata.name "
 expect_jsonpath "$ds" "$NAMESPACE" "{$pod.containers[0].ports[0].name}:{$pod.containers[0].ports[0].containerPort}" "metrics:9477"

@@ -13,15 +13,16 @@ use std::{
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::ListParams,
     core::DeserializeGuard,
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Config as ControllerConfig,
         events::{EventType, Recorder, Reporter},
-        watcher,
+        reflector, watcher,
     },
 };
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
@@ -181,11 +182,18 @@ async fn run(
     }
     ready.store(true, Ordering::SeqCst);
 
-    let watch = watcher::Config::default().fields(&selector);
+    // The controller's cache holds every object of the node: managed fields (a large
+    // share of each object, never read here) are dropped before they are stored.
+    let watch = watcher::Config::default().fields(&selector).page_size(100);
     let stop = shutdown.clone();
-    let controller = Controller::new(api, watch);
-    tokio::spawn(release_vanished(controller.store(), ctx.clone(), shutdown.clone()));
-    controller
+    let (store, writer) = reflector::store();
+    let objects = watcher(api, watch)
+        .default_backoff()
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
+    Controller::for_stream(objects, store)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(async move { stop.cancelled().await })
@@ -268,7 +276,8 @@ async fn rebuild(
 ) -> Result<(), kube::Error> {
     let started = std::time::Instant::now();
     let mut records = Vec::new();
-    let mut objects: HashMap<ObjectId, PortAssignment> = HashMap::new();
+    // Only a reference per object is kept (for the events of displaced keys), not the object.
+    let mut references: HashMap<ObjectId, ObjectReference> = HashMap::new();
     let mut params = ListParams::default().fields(selector).limit(500);
     loop {
         let page = api.list(&params).await?;
@@ -293,7 +302,7 @@ async fn rebuild(
                 .unwrap_or_default();
             let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
             records.push(Recorded { object: id.clone(), age, ports });
-            objects.insert(id, object);
+            references.insert(id, object.object_ref(&()));
         }
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
@@ -303,13 +312,13 @@ async fn rebuild(
     let count = records.len();
     let displaced = ctx.table().rebuild(records);
     for d in &displaced {
-        let Some(object) = objects.get(&d.loser.object) else { continue };
+        let Some(reference) = references.get(&d.loser.object) else { continue };
         let message = format!(
             "port {} was recorded both for key {} of this object and for key {} of {} (older); {} keeps it and key {} gets a new port",
             d.port, d.loser.key, d.keeper.key, d.keeper.object, d.keeper.object, d.loser.key
         );
         warn!(object = %d.loser.object, "{message}");
-        ctx.publish(object, EventType::Warning, "DuplicatePort", message);
+        ctx.publish_on(reference.clone(), EventType::Warning, "DuplicatePort", message);
     }
     {
         let table = ctx.table();

@@ -115,7 +115,7 @@ struct AgentArgs {
     #[arg(long, env = "PORTASSIGN_PORT_RANGE", default_value = DEFAULT_RANGE)]
     port_range: PortRange,
     /// Objects reconciled at the same time.
-    #[arg(long, env = "PORTASSIGN_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "PORTASSIGN_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Address of the HTTP server for /healthz, /readyz, /metrics and /debug/table.
     #[arg(long, env = "PORTASSIGN_LISTEN", default_value = "0.0.0.0:9477")]
