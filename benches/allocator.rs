@@ -272,7 +272,7 @@ fn syscall_costs() -> Vec<(String, f64)> {
     let mut out = vec![(
         format!(
             "SocketProbe::is_free, TCP ({})",
-            if probe.checks_ipv6() { "IPv4 + IPv6-only sockets" } else { "IPv4 socket" }
+            if probe.checks_ipv6() { "one dual-stack socket" } else { "IPv4 socket" }
         ),
         per_call(|port| {
             probe.is_free(port, Protocol::Tcp);
