@@ -149,23 +149,22 @@ async fn main() -> ExitCode {
         Command::Check(args) => run_check(args).await,
         Command::Janitor(args) => {
             telemetry::init(args.log_format);
-            match run_janitor(args).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(message) => {
-                    error!("{message}");
-                    ExitCode::FAILURE
-                }
-            }
+            logged_exit(run_janitor(args).await)
         }
         Command::Agent(args) => {
             telemetry::init(args.log_format);
-            match run_agent(args).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(message) => {
-                    error!("{message}");
-                    ExitCode::FAILURE
-                }
-            }
+            logged_exit(run_agent(args).await)
+        }
+    }
+}
+
+/// The exit code of a long-running command; its error goes to the log.
+fn logged_exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            ExitCode::FAILURE
         }
     }
 }

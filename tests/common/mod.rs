@@ -43,24 +43,35 @@ pub fn kubeconfig() -> &'static Path {
         if let Ok(path) = std::env::var("PORTASSIGN_TEST_KUBECONFIG") {
             return PathBuf::from(path);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let dir = std::env::temp_dir().join(format!("portassign-test-{}", std::process::id()));
-        let output = Command::new(root.join("hack/control-plane.sh"))
-            .arg("up")
-            .arg(&dir)
-            .env("PORTASSIGN_OWNER_PID", std::process::id().to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run hack/control-plane.sh to start a control plane: {e}"));
-        if !output.status.success() {
+        start_control_plane(&dir, &[]).unwrap_or_else(|why| {
             panic!(
-                "no control plane for the tests: hack/control-plane.sh up failed ({}).\n{}\n\
-                 Build the tools with `make tools`, or point PORTASSIGN_TEST_KUBECONFIG at a cluster.",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default())
+                "no control plane for the tests: {why}\n\
+                 Build the tools with `make tools`, or point PORTASSIGN_TEST_KUBECONFIG at a cluster."
+            )
+        })
     })
+}
+
+/// Starts etcd + kube-apiserver with `hack/control-plane.sh up DIR` (stopped when this
+/// process exits) and returns the kubeconfig path.
+fn start_control_plane(dir: &Path, env: &[(&str, &str)]) -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(root.join("hack/control-plane.sh"))
+        .arg("up")
+        .arg(dir)
+        .env("PORTASSIGN_OWNER_PID", std::process::id().to_string())
+        .envs(env.iter().copied())
+        .output()
+        .map_err(|e| format!("cannot run hack/control-plane.sh: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "hack/control-plane.sh up failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default()))
 }
 
 /// A client for the test control plane (admin credentials).
@@ -432,22 +443,9 @@ pub struct OwnControlPlane {
 impl OwnControlPlane {
     /// Starts one; `env` adds variables for hack/control-plane.sh (bind address, SANs).
     pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let dir = std::env::temp_dir().join(format!("portassign-{name}-{}", std::process::id()));
-        let output = Command::new(root.join("hack/control-plane.sh"))
-            .arg("up")
-            .arg(&dir)
-            .env("PORTASSIGN_OWNER_PID", std::process::id().to_string())
-            .envs(env.iter().copied())
-            .output()
-            .expect("run hack/control-plane.sh");
-        assert!(
-            output.status.success(),
-            "could not start a control plane: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
         let kubeconfig =
-            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default());
+            start_control_plane(&dir, env).unwrap_or_else(|why| panic!("could not start a control plane: {why}"));
         OwnControlPlane { dir, kubeconfig }
     }
 
