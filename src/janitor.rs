@@ -12,7 +12,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{coordination::v1::Lease, core::v1::Node},
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::Node,
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
     jiff::{SignedDuration, Timestamp},
 };
@@ -156,12 +159,13 @@ async fn hold_lease(api: &Api<Lease>, config: &Config) -> Result<bool, kube::Err
         None => {
             let mut lease = Lease::default();
             lease.metadata.name = Some(LEASE_NAME.into());
-            lease.spec = Some(Default::default());
-            let spec = lease.spec.as_mut().expect("just set");
-            spec.holder_identity = Some(config.identity.clone());
-            spec.lease_duration_seconds = Some(seconds);
-            spec.acquire_time = Some(MicroTime(now));
-            spec.renew_time = Some(MicroTime(now));
+            lease.spec = Some(LeaseSpec {
+                holder_identity: Some(config.identity.clone()),
+                lease_duration_seconds: Some(seconds),
+                acquire_time: Some(MicroTime(now)),
+                renew_time: Some(MicroTime(now)),
+                ..Default::default()
+            });
             return match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),

@@ -114,13 +114,17 @@ mod tests {
     #[test]
     fn an_ipv6_only_holder_is_seen_when_the_host_has_ipv6() {
         let probe = probe();
-        if !probe.checks_ipv6() {
-            // Nothing to check on a host without IPv6; the IPv4 tests above still run.
+        let holder = Socket::new(Domain::IPV6, Type::STREAM, None).and_then(|socket| {
+            socket.set_only_v6(true)?;
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+            Ok(socket)
+        });
+        let Ok(socket) = holder else {
+            // A host without IPv6: the probe must know it and bind IPv4 only.
+            assert!(!probe.checks_ipv6(), "IPv6 cannot be bound here, yet the probe thinks it can");
             return;
-        }
-        let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
-        socket.set_only_v6(true).unwrap();
-        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into()).unwrap();
+        };
+        assert!(probe.checks_ipv6(), "IPv6 can be bound here, yet the probe does not check it");
         let port = socket.local_addr().unwrap().as_socket().unwrap().port();
         assert!(!probe.is_free(port, Protocol::Tcp));
     }
