@@ -97,11 +97,7 @@ done
 resolve_tools kind kubectl helm # builds only those neither set nor on PATH
 log "kind: $KIND ($("$KIND" version))"
 log "kubectl: $KUBECTL, helm: $HELM"
-cargo build --locked --bin portassign >"$work/cargo.log" 2>&1 || { tail -n 40 "$work/cargo.log"; die "cargo build failed"; }
-mkdir -p "$work/bin"
-ln -s "$PORTASSIGN_BIN" "$work/bin/kubectl-portassign"
-export PATH="$work/bin:$PATH"
-log "kubectl-portassign -> $PORTASSIGN_BIN"
+build_plugin "$work"
 pass
 
 # ---------------------------------------------------------------------------------------

@@ -94,12 +94,7 @@ trap cleanup EXIT
 step a
 [ "${#nodes[@]}" -ge 2 ] || die "E2E_NODES must name at least 2 nodes (per-node uniqueness is tested across nodes)"
 command -v curl >/dev/null || die "curl is needed to read the agents' /readyz"
-cargo build --locked --bin portassign >"$work/cargo.log" 2>&1 || { tail -n 40 "$work/cargo.log"; die "cargo build failed"; }
-[ -x "$PORTASSIGN_BIN" ] || die "$PORTASSIGN_BIN is missing after cargo build"
-mkdir -p "$work/bin"
-ln -s "$PORTASSIGN_BIN" "$work/bin/kubectl-portassign"
-export PATH="$work/bin:$PATH"
-log "kubectl-portassign -> $PORTASSIGN_BIN"
+build_plugin "$work"
 pass
 
 # ---------------------------------------------------------------------------------------

@@ -273,6 +273,22 @@ log "a missing key and an unassigned port exit 1 ($(cat "$work/miss.txt"))"
 pass
 
 # ---------------------------------------------------------------------------------------
+# check_resized WANT WHAT: after the keys of every node's pool changed, each pool is
+# Ready with WANT ports, the 4 keys that stayed kept their ports (before[node]), and ports
+# are unique per node.
+check_resized() {
+  local want=$1 what=$2 node name held
+  for node in "${NODES[@]}"; do
+    name=$(pool "$node")
+    wait_ready "$name" "$node"
+    check_assigned "$name"
+    held=$(port_map "$name" | count)
+    [ "$held" -eq "$want" ] || die "pa/$name holds $held ports after $what to $want keys"
+    check_kept "$name" "${before[$node]}" 4
+    check_unique_on "$node"
+  done
+}
+
 step d
 declare -A before=()
 for node in "${NODES[@]}"; do
@@ -281,15 +297,7 @@ for node in "${NODES[@]}"; do
   mapfile -t keys < <(spec_keys "$name")
   set_keys "$name" "${keys[@]}" team-c/sandbox-1 team-c/sandbox-2
 done
-for node in "${NODES[@]}"; do
-  name=$(pool "$node")
-  wait_ready "$name" "$node"
-  check_assigned "$name"
-  held=$(port_map "$name" | count)
-  [ "$held" -eq 6 ] || die "pa/$name holds $held ports after growing to 6 keys"
-  check_kept "$name" "${before[$node]}" 4
-  check_unique_on "$node"
-done
+check_resized 6 growing
 pass
 
 # ---------------------------------------------------------------------------------------
@@ -301,15 +309,7 @@ for node in "${NODES[@]}"; do
   mapfile -t keys < <(spec_keys "$name" | grep -vxF -e "${removed[0]}" -e "${removed[1]}")
   set_keys "$name" "${keys[@]}"
 done
-for node in "${NODES[@]}"; do
-  name=$(pool "$node")
-  wait_ready "$name" "$node"
-  check_assigned "$name"
-  held=$(port_map "$name" | count)
-  [ "$held" -eq 4 ] || die "pa/$name holds $held ports after shrinking to 4 keys"
-  check_kept "$name" "${before[$node]}" 4
-  check_unique_on "$node"
-done
+check_resized 4 shrinking
 for key in "${removed[@]}"; do
   plugin key "$key" -n "$NS" >/dev/null 2>&1 || :
   [ "$plugin_rc" -eq 1 ] || die "kubectl portassign key $key exited $plugin_rc after the key was removed, want 1"

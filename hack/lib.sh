@@ -170,3 +170,15 @@ stop_process() {
   fi
   wait "$pid" 2>/dev/null || true
 }
+
+# build_plugin DIR: builds the portassign binary and puts it on PATH as the kubectl
+# plugin DIR/kubectl-portassign.
+build_plugin() {
+  local dir=$1
+  cargo build --locked --bin portassign >"$dir/cargo.log" 2>&1 || { tail -n 40 "$dir/cargo.log"; die "cargo build failed"; }
+  [ -x "$PORTASSIGN_BIN" ] || die "$PORTASSIGN_BIN is missing after cargo build"
+  mkdir -p "$dir/bin"
+  ln -sf "$PORTASSIGN_BIN" "$dir/bin/kubectl-portassign"
+  export PATH="$dir/bin:$PATH"
+  log "kubectl-portassign -> $PORTASSIGN_BIN"
+}
