@@ -9,7 +9,10 @@ use std::{
 };
 
 use common::{World, eventually, keys, port_block, ports_of, ready_reason};
-use kube::api::{Patch, PatchParams};
+use kube::{
+    ResourceExt,
+    api::{Patch, PatchParams},
+};
 use portassign::api::{FINALIZER, Protocol};
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -47,8 +50,6 @@ async fn create_gives_every_key_a_unique_port_in_range() {
     agent.stop().await.unwrap();
     w.cleanup().await;
 }
-
-use kube::ResourceExt;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_port_bound_on_the_node_is_never_assigned() {
