@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl, etcd and helm (and, on request, kind) from their Go
-# modules at the pinned versions in hack/versions.env, into a cache outside the repository:
+# Builds kube-apiserver, kubectl, etcd and helm (and, on request, the tools of the offline
+# kind node image) from their Go modules at the pinned versions in hack/versions.env, into
+# a cache outside the repository:
 #   ${PORTASSIGN_TOOLS_CACHE:-$HOME/.cache/portassign/tools}/<tool>-<version>/<tool>
 # A tool already in the cache is reused. Prints the bin directory of each tool.
 #
-# Usage: hack/build-tools.sh [kube-apiserver|kubectl|etcd|helm|kind ...]
-#   (default: all but kind, which only `make e2e-kind` needs)
+# Usage: hack/build-tools.sh [TOOL ...]
+#   (default: etcd kube-apiserver kubectl helm)
+#   TOOL is one of: kube-apiserver kubectl etcd helm kind, or, for hack/kind/node-image.sh,
+#   kubelet kubeadm kube-controller-manager kube-scheduler kube-proxy
+#   containerd (with ctr and containerd-shim-runc-v2) crictl
+#   cni-plugins (host-local loopback ptp portmap) pause (C, needs gcc and a static libc)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,18 +45,18 @@ kubernetes_wrapper() {
       echo
       awk -v v="$staging" '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" { printf "replace %s => %s %s\n", $1, $1, v }' "$gomod" | sort -u
     } > go.mod
-    cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+    kubernetes_tools_go > tools.go
     go mod tidy >&2
   )
+}
+
+# Every command of k8s.io/kubernetes this script builds; tools.go imports them all so
+# that `go mod tidy` records the checksums each needs.
+KUBERNETES_CMDS=(kube-apiserver kubectl kubelet kubeadm kube-controller-manager kube-scheduler kube-proxy)
+kubernetes_tools_go() {
+  printf '//go:build tools\n\npackage tools\n\nimport (\n'
+  printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "${KUBERNETES_CMDS[@]}"
+  printf ')\n'
 }
 
 build_kubernetes_tool() {
@@ -59,7 +64,10 @@ build_kubernetes_tool() {
   out=$(tool_dir "$tool" "$KUBERNETES_VERSION")
   [ -x "$out/$tool" ] && { echo "$out"; return; }
   local wrap="$cache/src/kubernetes-$KUBERNETES_VERSION"
-  [ -f "$wrap/go.sum" ] || kubernetes_wrapper "$wrap" "$KUBERNETES_VERSION"
+  # A wrapper made by an older version of this script may lack the newer commands.
+  if [ ! -f "$wrap/go.sum" ] || ! grep -q "cmd/$tool\"" "$wrap/tools.go"; then
+    kubernetes_wrapper "$wrap" "$KUBERNETES_VERSION"
+  fi
   local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
   local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   local ld=""
@@ -123,14 +131,95 @@ build_kind() {
   echo "$out"
 }
 
+# module_source MODULE VERSION NAME: a writable copy of MODULE@VERSION's source under
+# $cache/src/NAME-VERSION (from the module proxy), so it builds with its own go.mod and
+# go.sum, the way its Makefile would. Prints the directory.
+module_source() {
+  local module=$1 version=$2 name=$3 src
+  src="$cache/src/$name-$version"
+  if [ ! -f "$src/go.mod" ]; then
+    local dir
+    dir=$(go mod download -json "$module@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    [ -d "$dir" ] || { log "could not download $module@$version"; exit 1; }
+    rm -rf "$src.tmp"; cp -r "$dir" "$src.tmp"; chmod -R u+w "$src.tmp"
+    rm -rf "$src"; mv "$src.tmp" "$src"
+  fi
+  echo "$src"
+}
+
+# containerd, ctr and the runc shim, with the build tags kind's base image uses.
+build_containerd() {
+  local out; out=$(tool_dir containerd "$CONTAINERD_VERSION")
+  [ -x "$out/containerd-shim-runc-v2" ] && { echo "$out"; return; }
+  local src; src=$(module_source github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" containerd)
+  log "building containerd $CONTAINERD_VERSION"
+  mkdir -p "$out.tmp"
+  local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+  ( cd "$src"
+    for cmd in containerd ctr containerd-shim-runc-v2; do
+      go build -trimpath -tags "no_aufs no_zfs no_btrfs no_devmapper" -ldflags "$ld" \
+        -o "$out.tmp/$cmd" "./cmd/$cmd"
+    done )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+build_crictl() {
+  local out; out=$(tool_dir crictl "$CRICTL_VERSION")
+  [ -x "$out/crictl" ] && { echo "$out"; return; }
+  local src; src=$(module_source sigs.k8s.io/cri-tools "$CRICTL_VERSION" cri-tools)
+  log "building crictl $CRICTL_VERSION"
+  mkdir -p "$out.tmp"
+  ( cd "$src" && go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+      -o "$out.tmp/crictl" ./cmd/crictl )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+# The four CNI plugins kind's node image ships.
+build_cni_plugins() {
+  local out; out=$(tool_dir cni-plugins "$CNI_PLUGINS_VERSION")
+  [ -x "$out/portmap" ] && { echo "$out"; return; }
+  local src; src=$(module_source github.com/containernetworking/plugins "$CNI_PLUGINS_VERSION" cni-plugins)
+  log "building CNI plugins $CNI_PLUGINS_VERSION"
+  mkdir -p "$out.tmp"
+  local ld="-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION"
+  ( cd "$src"
+    for p in ipam/host-local main/loopback main/ptp meta/portmap; do
+      go build -trimpath -ldflags "$ld" -o "$out.tmp/${p#*/}" "./plugins/$p"
+    done )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+# pause: the static C program from the kubernetes source (build/pause/linux/pause.c),
+# versioned by the image tag kubeadm expects.
+build_pause() {
+  local out; out=$(tool_dir pause "$PAUSE_VERSION")
+  [ -x "$out/pause" ] && { echo "$out"; return; }
+  local src; src=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  log "building pause $PAUSE_VERSION"
+  mkdir -p "$out.tmp"
+  "${CC:-gcc}" -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION-portassign" \
+    -o "$out.tmp/pause" "$src/build/pause/linux/pause.c"
+  strip "$out.tmp/pause" 2>/dev/null || true
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(etcd kube-apiserver kubectl helm)
 for t in "${tools[@]}"; do
   case "$t" in
-    kube-apiserver|kubectl) build_kubernetes_tool "$t" ;;
+    kube-apiserver|kubectl|kubelet|kubeadm|kube-controller-manager|kube-scheduler|kube-proxy)
+      build_kubernetes_tool "$t" ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
     kind) build_kind ;;
+    containerd) build_containerd ;;
+    crictl) build_crictl ;;
+    cni-plugins) build_cni_plugins ;;
+    pause) build_pause ;;
     *) log "unknown tool: $t"; exit 2 ;;
   esac
 done
