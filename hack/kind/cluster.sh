@@ -77,6 +77,16 @@ cmd_up() {
   engine_up
   KIND_BIN=$(kind_bin); KUBECTL_BIN=$(kubectl_bin)
   if cluster_exists; then
+    # Nodes stopped with their engine do not come back reliably: start afresh.
+    local all running
+    all=$(docker ps -aq --filter "label=io.x-k8s.kind.cluster=$cluster" | wc -l)
+    running=$(docker ps -q --filter "label=io.x-k8s.kind.cluster=$cluster" --filter status=running | wc -l)
+    if [ "$all" -ne "$running" ]; then
+      klog "the kind cluster $cluster has stopped nodes ($running of $all running): recreating it"
+      "$KIND_BIN" delete cluster --name "$cluster" >&2
+    fi
+  fi
+  if cluster_exists; then
     klog "reusing the kind cluster $cluster"
   else
     local image=${KIND_NODE_IMAGE:-}

@@ -25,6 +25,7 @@
 # CoreDNS is not built: the cluster config skips kubeadm's addon/coredns phase.
 #
 # Usage: hack/kind/node-image.sh          build (or find) the image; print its tag
+#        hack/kind/node-image.sh --force  build it even if the engine has it
 #        hack/kind/node-image.sh --tag    print the tag only
 # Needs root, Go, gcc (static libc), debootstrap (installed with apt-get if missing) and
 # a Docker engine (hack/kind/lib.sh starts a private one if none answers).
@@ -312,7 +313,7 @@ preload_and_commit() {
 
 # main -------------------------------------------------------------------------------
 engine_up
-if have_image "$NODE_IMAGE"; then
+if [ "${1:-}" != --force ] && have_image "$NODE_IMAGE"; then
   klog "cached: $NODE_IMAGE"
   echo "$NODE_IMAGE"
   exit 0
