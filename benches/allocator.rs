@@ -24,9 +24,12 @@ use std::{
 };
 
 use portassign::{
-    api::Protocol,
-    probe::{PortProbe, SocketProbe},
-    table::{ObjectId, PortRange, PortTable},
+    agent::{
+        probe::{PortProbe, SocketProbe},
+        table::PortTable,
+    },
+    api::{ObjectId, Protocol},
+    range::PortRange,
 };
 use results::{Allocator, AllocatorSize};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};

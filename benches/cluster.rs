@@ -52,8 +52,8 @@ use kube::{
     },
 };
 use portassign::{
+    agent::reconcile::FIELD_MANAGER,
     api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol},
-    controller::FIELD_MANAGER,
 };
 use results::{Cluster, Convergence, Cpu, Percentiles, Restart, RestartRun, System};
 use serde_json::json;

@@ -10,38 +10,9 @@ use std::{
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use serde::Deserialize;
 
-use crate::{
-    api::{CONDITION_READY, PortAssignment},
-    table::PortRange,
-};
-
-/// An agent's table as served on `/debug/table`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AgentTable {
-    /// The agent's node.
-    pub node: String,
-    /// The agent's range, `FIRST-LAST`.
-    pub range: String,
-    /// Whether the agent had rebuilt its table.
-    pub ready: bool,
-    /// Every port it holds.
-    pub ports: Vec<AgentEntry>,
-}
-
-/// One port held in an agent's memory.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct AgentEntry {
-    /// The port.
-    pub port: u16,
-    /// Namespace of the holder.
-    pub namespace: String,
-    /// Name of the holder.
-    pub name: String,
-    /// Key of the holder.
-    pub key: String,
-}
+pub use crate::agent::http::{TableDocument, TableEntry, fetch_table};
+use crate::{api::PortAssignment, range::PortRange};
 
 /// One broken guarantee.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +52,7 @@ type Entry = (u16, String, String, String);
 /// its memory holds exactly what the statuses of its node hold.
 pub fn check(
     objects: &[PortAssignment],
-    agents: &[AgentTable],
+    agents: &[TableDocument],
     expect: &Expectations,
     now: Timestamp,
 ) -> Vec<Violation> {
@@ -114,7 +85,7 @@ pub fn check(
                 object.metadata.generation, status.observed_generation
             ));
         }
-        let ready = status.conditions.iter().any(|c| c.type_ == CONDITION_READY && c.status == "True");
+        let ready = status.ready_condition().is_some_and(|c| c.status == "True");
         let wanted: BTreeSet<&str> = object.spec.keys.iter().map(String::as_str).collect();
         let recorded: BTreeSet<&str> = status.ports.iter().map(|e| e.key.as_str()).collect();
         if current {
@@ -167,23 +138,6 @@ pub fn check(
     violations
 }
 
-/// Fetches an agent's `/debug/table` from `http://host:port`.
-pub async fn fetch_agent_table(base: &str) -> Result<AgentTable, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("connect {host}: {e}"))?;
-    let request = format!("GET /debug/table HTTP/1.0\r\nHost: {host}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send to {host}: {e}"))?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.map_err(|e| format!("read from {host}: {e}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{host}: malformed HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("{host}: {}", head.lines().next().unwrap_or_default()));
-    }
-    serde_json::from_str(body).map_err(|e| format!("{host}: /debug/table is not the expected JSON: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,14 +171,14 @@ mod tests {
         o
     }
 
-    fn agent(node: &str, ports: &[(u16, &str, &str)]) -> AgentTable {
-        AgentTable {
+    fn agent(node: &str, ports: &[(u16, &str, &str)]) -> TableDocument {
+        TableDocument {
             node: node.into(),
             range: "100-199".into(),
             ready: true,
             ports: ports
                 .iter()
-                .map(|(p, name, key)| AgentEntry {
+                .map(|(p, name, key)| TableEntry {
                     port: *p,
                     namespace: "ns".into(),
                     name: name.to_string(),
@@ -234,7 +188,7 @@ mod tests {
         }
     }
 
-    fn run(objects: &[PortAssignment], agents: &[AgentTable]) -> Vec<String> {
+    fn run(objects: &[PortAssignment], agents: &[TableDocument]) -> Vec<String> {
         check(objects, agents, &Expectations::default(), Timestamp::now()).iter().map(|v| v.to_string()).collect()
     }
 

@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{CONDITION_READY, FINALIZER, PortAssignment, reason};
+use crate::api::{CONDITION_READY, FINALIZER, PortAssignment, event_reason, finalizer_removal_patch, reason};
 
 /// Field manager of the janitor's writes.
 pub const FIELD_MANAGER: &str = "portassign-janitor";
@@ -98,13 +98,11 @@ pub async fn sweep(
             }
             continue;
         }
-        let id = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
-        let api: Api<PortAssignment> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
+        let id = object.id().to_string();
+        let api: Api<PortAssignment> = Api::namespaced(client.clone(), object.namespace_or_default());
         if object.metadata.deletion_timestamp.is_some() {
             if object.finalizers().iter().any(|f| f == FINALIZER) {
-                let remaining: Vec<&String> = object.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-                let patch =
-                    json!({ "metadata": { "finalizers": remaining, "resourceVersion": object.resource_version() } });
+                let patch = finalizer_removal_patch(&object.metadata);
                 api.patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
                 info!(object = %id, %node, "node is gone: removed the finalizer of a deleted object");
                 report.finalized.push(id);
@@ -112,8 +110,7 @@ pub async fn sweep(
             continue;
         }
         let already = object.status.as_ref().is_some_and(|s| {
-            s.ports.is_empty()
-                && s.conditions.iter().any(|c| c.type_ == CONDITION_READY && c.reason == reason::NODE_NOT_FOUND)
+            s.ports.is_empty() && s.ready_condition().is_some_and(|c| c.reason == reason::NODE_NOT_FOUND)
         });
         if already {
             continue;
@@ -137,7 +134,7 @@ pub async fn sweep(
         warn!(object = %id, %node, "node is gone: released the object's ports");
         let event = Event {
             type_: EventType::Warning,
-            reason: reason::NODE_NOT_FOUND.into(),
+            reason: event_reason::NODE_NOT_FOUND.into(),
             note: Some(message),
             action: "Release".into(),
             secondary: None,

@@ -1,22 +1,18 @@
 //! portassign: a Kubernetes node agent that hands out host ports verified free on
 //! the node's own network stack, recorded durably in `PortAssignment` statuses.
 //!
-//! - [`api`]: the `PortAssignment` custom resource.
-//! - [`table`]: the node's port table (sans-IO).
-//! - [`probe`]: checks a port is free by binding it.
-//! - [`controller`]: the reconcile loop.
-//! - [`agent`]: wiring, rebuild at start, health and metrics.
+//! - [`api`]: the `PortAssignment` custom resource, its reasons and identities.
+//! - [`range`]: port ranges and the default range.
+//! - [`agent`]: the node agent: port table, probe, reconcile loop, HTTP, metrics.
 //! - [`janitor`]: releases objects of nodes that are gone.
 //! - [`checker`]: the independent invariant checker.
 //! - [`lookup`]: key→port and port→key lookups for operators.
+//! - [`telemetry`]: log set-up.
 
 pub mod agent;
 pub mod api;
 pub mod checker;
-pub mod controller;
 pub mod janitor;
 pub mod lookup;
-pub mod metrics;
-pub mod probe;
-pub mod table;
+pub mod range;
 pub mod telemetry;

@@ -98,7 +98,7 @@ pub enum Format {
 pub fn render(matches: &[Match], format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(matches).unwrap_or_default() + "\n",
-        Format::Yaml => serde_yaml::to_string(matches).unwrap_or_default(),
+        Format::Yaml => serde_saphyr::to_string(&matches).unwrap_or_default(),
         Format::Table => {
             let header = ["NAMESPACE", "NAME", "NODE", "KEY", "PORT"].map(String::from);
             let rows: Vec<[String; 5]> =
@@ -175,7 +175,7 @@ mod tests {
         assert_eq!(table.lines().nth(1), Some("a           pool   n1     k     20000"));
         let json: serde_json::Value = serde_json::from_str(&render(&m, Format::Json)).unwrap();
         assert_eq!(json[0]["port"], 20000);
-        let yaml: serde_json::Value = serde_yaml::from_str(&render(&m, Format::Yaml)).unwrap();
+        let yaml: serde_json::Value = serde_saphyr::from_str(&render(&m, Format::Yaml)).unwrap();
         assert_eq!(yaml[0]["key"], "k");
     }
 }

@@ -4,10 +4,9 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
 use portassign::{
-    agent::{self, DEFAULT_RANGE},
+    agent::{self, probe::SocketProbe},
     api, checker, lookup,
-    probe::SocketProbe,
-    table::PortRange,
+    range::{DEFAULT_RANGE, PortRange, RangeError},
     telemetry::{self, LogFormat},
 };
 use tracing::{error, info};
@@ -73,7 +72,7 @@ struct CheckArgs {
 
 fn parse_node_range(text: &str) -> Result<(String, PortRange), String> {
     let (node, range) = text.split_once('=').ok_or("expected NODE=FIRST-LAST")?;
-    Ok((node.to_owned(), range.parse().map_err(|e: portassign::table::RangeError| e.to_string())?))
+    Ok((node.to_owned(), range.parse().map_err(|e: RangeError| e.to_string())?))
 }
 
 #[derive(clap::Args)]
@@ -201,7 +200,7 @@ async fn run_check(args: CheckArgs) -> ExitCode {
     };
     let mut tables = Vec::new();
     for agent in &args.agents {
-        match checker::fetch_agent_table(agent).await {
+        match checker::fetch_table(agent).await {
             Ok(table) => tables.push(table),
             Err(e) => {
                 eprintln!("error: {e}");

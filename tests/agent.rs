@@ -1,6 +1,4 @@
-//! The agent against a real kube-apiserver: DESIGN §3 guarantees as a user sees them.
-
-mod common;
+//! The agent against a real kube-apiserver: docs/design.md guarantees as a user sees them.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -8,18 +6,21 @@ use std::{
     time::Duration,
 };
 
-use common::{World, eventually, keys, port_block, ports_of, ready_reason};
 use kube::{
     ResourceExt,
     api::{Patch, PatchParams},
 };
-use portassign::api::{FINALIZER, Protocol};
+use portassign::{
+    agent::http::{fetch_table, get},
+    api::{FINALIZER, Protocol},
+};
+use portassign_testkit::{World, eventually, keys, port_block, ports_of, ready_reason};
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn assert_unique_in(ports: &BTreeMap<String, u16>, range: portassign::table::PortRange) {
+fn assert_unique_in(ports: &BTreeMap<String, u16>, range: portassign::range::PortRange) {
     let distinct: HashSet<u16> = ports.values().copied().collect();
     assert_eq!(distinct.len(), ports.len(), "a port is held twice: {ports:?}");
     for (key, port) in ports {
@@ -41,9 +42,9 @@ async fn create_gives_every_key_a_unique_port_in_range() {
     assert_eq!(ready_reason(&object), Some(("True".into(), "Allocated".into())));
     let status = object.status.unwrap();
     assert_eq!((status.key_count, status.assigned_count), (3, 3));
-    let events = w.event_reasons("pool").await;
+    let events = w.events("pool").await;
     assert!(events.iter().any(|(r, _)| r == "Assigned"), "an Assigned event: {events:?}");
-    let (code, metrics) = common::http_get(agent.http_addr, "/metrics");
+    let (code, metrics) = get(&format!("http://{}/metrics", agent.http_addr)).await.expect("GET /metrics");
     assert_eq!(code, 200);
     assert!(metrics.lines().any(|l| l == "portassign_ports_assigned 3"), "gauge of assigned ports:\n{metrics}");
     assert!(metrics.contains(&format!("portassign_ports_free {}", range.len() - 3)));
@@ -96,7 +97,7 @@ async fn keys_added_and_removed_keep_existing_ports_and_freed_ports_are_reused()
     assert_eq!(grown["c"], first["c"]);
     assert_unique_in(&grown, range);
     assert!(grown["d"] == first["b"] || grown["e"] == first["b"], "b's port was reused: {grown:?}");
-    let events = w.event_reasons("pool").await;
+    let events = w.events("pool").await;
     assert!(events.iter().any(|(r, _)| r == "Released"), "a Released event: {events:?}");
     agent.stop().await.unwrap();
     w.cleanup().await;
@@ -176,9 +177,8 @@ async fn restart_keeps_every_port_and_allocates_only_after_the_rebuild() {
         }
     }
     assert_unique_in(&all, range);
-    let (_, body) = common::http_get(agent.http_addr, "/debug/table");
-    let table: serde_json::Value = serde_json::from_str(&body).expect("debug table is JSON");
-    assert_eq!(table["ports"].as_array().map(Vec::len), Some(all.len()), "memory holds exactly the statuses' ports");
+    let table = fetch_table(&format!("http://{}", agent.http_addr)).await.expect("the agent's table");
+    assert_eq!(table.ports.len(), all.len(), "memory holds exactly the statuses' ports");
     agent.stop().await.unwrap();
     w.cleanup().await;
 }
@@ -210,7 +210,7 @@ async fn a_port_recorded_twice_goes_to_the_older_object_with_a_warning() {
     .await;
     assert_eq!(fixed["z"], younger["z"], "the uncontested key keeps its port");
     assert_eq!(w.ready_ports("older").await, older, "the older object keeps the contested port");
-    let events = w.event_reasons("younger").await;
+    let events = w.events("younger").await;
     let warning =
         events.iter().find(|(r, _)| r == "DuplicatePort").expect("a DuplicatePort event on the younger object");
     assert!(warning.1.contains(&contested.to_string()), "the event names the port: {}", warning.1);
@@ -233,7 +233,7 @@ async fn exhaustion_is_reported_and_completes_when_ports_are_freed() {
     .await;
     assert_eq!(ports_of(&object).len(), 1, "keeps the port it could get");
     let events = eventually("RangeExhausted event", Duration::from_secs(10), || async {
-        let e = w.event_reasons("wants").await;
+        let e = w.events("wants").await;
         e.iter().any(|(r, _)| r == "RangeExhausted").then_some(e)
     })
     .await;
@@ -253,7 +253,7 @@ async fn an_agent_never_touches_another_nodes_objects() {
     let w = World::new("scope").await;
     let range = port_block(10);
     let agent = w.agent(range).await;
-    let other_node = common::unique("elsewhere");
+    let other_node = portassign_testkit::unique("elsewhere");
     w.create_for(&other_node, "theirs", Protocol::Udp, &["a"]).await;
     w.create("mine", &["a"]).await;
     w.ready_ports("mine").await;
@@ -300,19 +300,74 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         listen: "127.0.0.1:0".parse().unwrap(),
         instance: None,
     };
-    let agent =
-        portassign::agent::start(client, agent_config, std::sync::Arc::new(portassign::probe::SocketProbe::detect()))
-            .await
-            .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let addr = agent.http_addr;
-    let (live, ready) = tokio::task::spawn_blocking(move || {
-        (common::http_get(addr, "/healthz").0, common::http_get(addr, "/readyz").0)
-    })
+    let agent = portassign::agent::start(
+        client,
+        agent_config,
+        std::sync::Arc::new(portassign::agent::probe::SocketProbe::detect()),
+    )
     .await
     .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = format!("http://{}", agent.http_addr);
+    let live = get(&format!("{base}/healthz")).await.expect("GET /healthz").0;
+    let ready = get(&format!("{base}/readyz")).await.expect("GET /readyz").0;
     assert_eq!(live, 200, "alive while it retries");
     assert_eq!(ready, 503, "not ready before the rebuild");
     assert!(!agent.is_ready());
     agent.stop().await.unwrap();
+}
+
+/// An object that disappears without the agent's cleanup (its finalizer stripped, then
+/// deleted at exactly that version) leaves no port held: the agent's vanished-object
+/// check confirms it gone and frees its ports, with only the chart's RBAC (which grants
+/// `list`, not `get`). The freed ports are assignable again.
+#[tokio::test(flavor = "multi_thread")]
+async fn ports_of_an_object_deleted_without_its_cleanup_are_released() {
+    let w = World::new("vanish").await;
+    let range = port_block(3);
+    let agent = w.agent(range).await;
+    w.create("forced", &["a", "b", "c"]).await;
+    assert_eq!(w.ready_ports("forced").await.len(), 3);
+    w.force_delete("forced").await;
+
+    let base = format!("http://{}", agent.http_addr);
+    eventually("the vanished object's ports released", Duration::from_secs(20), || async {
+        fetch_table(&base).await.ok().filter(|t| t.ports.is_empty()).map(|_| ())
+    })
+    .await;
+    // The whole range again, for another object.
+    w.create("next", &["x", "y", "z"]).await;
+    assert_eq!(w.ready_ports("next").await.len(), 3);
+    agent.stop().await.unwrap();
+    w.cleanup().await;
+}
+
+/// Each assignment and each release can be read in the object's events: a key added
+/// later gets an `Assigned` event naming its port (not a repeat count on the first one),
+/// and a removed key a `Released` event naming the port it gave back.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_assignment_and_release_is_readable_in_the_events() {
+    let w = World::new("events").await;
+    let agent = w.agent(port_block(10)).await;
+    w.create("pool", &["a", "b"]).await;
+    let first = w.ready_ports("pool").await;
+    w.set_keys("pool", &["a", "b", "c"]).await;
+    let grown = w.ready_ports("pool").await;
+    w.set_keys("pool", &["a", "c"]).await;
+    w.ready_ports("pool").await;
+
+    let expected = [
+        ("Assigned", format!("a={}", first["a"])),
+        ("Assigned", format!("c={}", grown["c"])),
+        ("Released", format!("b={}", first["b"])),
+    ];
+    for (reason, fragment) in expected {
+        eventually(&format!("a {reason} event naming {fragment}"), Duration::from_secs(10), || async {
+            let events = w.events("pool").await;
+            events.iter().any(|(r, note)| r == reason && note.contains(&fragment)).then_some(())
+        })
+        .await;
+    }
+    agent.stop().await.unwrap();
+    w.cleanup().await;
 }

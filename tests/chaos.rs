@@ -7,15 +7,11 @@
 //! `PORTASSIGN_CHAOS_KILLS` (default 10) agent kills; `make chaos` runs the long form.
 //! `PORTASSIGN_CHAOS_SEED` replays a run (the seed is printed).
 
-mod common;
-
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use common::{AgentProcess, OwnControlPlane, free_port};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -23,8 +19,9 @@ use kube::{
 use portassign::{
     api::{PortAssignment, PortAssignmentSpec, Protocol},
     checker::{self, Expectations},
-    table::PortRange,
+    range::PortRange,
 };
+use portassign_testkit::{AgentProcess, Cluster, cluster::restart_control_plane};
 
 /// A small deterministic generator (xorshift64*), so a seed replays a run.
 struct Rng(u64);
@@ -53,8 +50,8 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
     println!("chaos: seed {seed}, {seconds}s, {kills} agent kills (replay with PORTASSIGN_CHAOS_SEED={seed})");
     let mut rng = Rng(seed);
 
-    let plane = OwnControlPlane::start("chaos", &[]);
-    let client = plane.client().await;
+    let plane = Cluster::own("chaos", &[]).await;
+    let client = plane.admin.client();
     let ns = "chaos";
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     let namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": ns } })).unwrap();
@@ -63,14 +60,10 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
     let nodes = ["chaos-a", "chaos-b", "chaos-c"];
     let ranges: Vec<PortRange> =
         (0..3).map(|i| PortRange::new(26000 + i * 200, 26000 + i * 200 + 199).unwrap()).collect();
-    let mut agents: Vec<AgentProcess> = nodes
-        .iter()
-        .zip(&ranges)
-        .map(|(node, range)| {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            AgentProcess::start(&plane.kubeconfig, node, *range, &[], addr, addr)
-        })
-        .collect();
+    let mut agents: Vec<AgentProcess> = Vec::new();
+    for (node, range) in nodes.iter().zip(&ranges) {
+        agents.push(AgentProcess::new(&plane.agent.kubeconfig, node).range(*range).start().await);
+    }
 
     let api: Api<PortAssignment> = Api::namespaced(client.clone(), ns);
     let start = Instant::now();
@@ -108,8 +101,8 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
         // in the background, so the workload and the agents meet a dead API meanwhile.
         if restart.is_none() && Instant::now() > start + Duration::from_secs(seconds) / 2 {
             println!("chaos: killing etcd + kube-apiserver at {:?}", start.elapsed());
-            let dir = plane.dir.clone();
-            restart = Some(std::thread::spawn(move || common::restart_control_plane(&dir, "KILL")));
+            let dir = plane.plane_dir().expect("the chaos test's own control plane").to_owned();
+            restart = Some(std::thread::spawn(move || restart_control_plane(&dir, "KILL")));
         }
         let op = rng.below(10);
         let result = if live.len() < 4 || (op < 4 && live.len() < 40) {
@@ -172,7 +165,7 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
 
     // Settle: every agent up, then the checker must pass within a minute.
     for agent in &agents {
-        agent.wait_ready(Duration::from_secs(60));
+        agent.wait_ready(Duration::from_secs(60)).await;
     }
     let expect = Expectations {
         settled: true,
@@ -184,12 +177,11 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
         let objects = api.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
         let mut tables = Vec::new();
         for agent in &agents {
-            tables.push(checker::fetch_agent_table(&agent.url).await.expect("agent table"));
+            tables.push(checker::fetch_table(&agent.url).await.expect("agent table"));
         }
         let mut violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
         for o in &objects {
-            let ready = o.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Ready" && c.status == "True");
-            if o.metadata.deletion_timestamp.is_none() && !ready {
+            if o.metadata.deletion_timestamp.is_none() && !o.is_ready() {
                 violations.push(checker::Violation {
                     node: o.spec.node_name.clone(),
                     message: format!("{} not Ready", o.metadata.name.clone().unwrap_or_default()),
@@ -225,12 +217,12 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
     for object in api.list(&Default::default()).await.expect("list").items {
         let _ = api.delete(&object.metadata.name.unwrap_or_default(), &DeleteParams::default()).await;
     }
-    common::eventually("all objects gone", Duration::from_secs(60), || async {
+    portassign_testkit::eventually("all objects gone", Duration::from_secs(60), || async {
         api.list(&Default::default()).await.ok().filter(|l| l.items.is_empty()).map(|_| ())
     })
     .await;
     for agent in &agents {
-        let table = checker::fetch_agent_table(&agent.url).await.expect("agent table");
+        let table = checker::fetch_table(&agent.url).await.expect("agent table");
         assert!(
             table.ports.is_empty(),
             "agent {} still holds {:?} after every object was deleted",

@@ -1,13 +1,11 @@
 //! The CRD: generated file in sync with the types, and bad objects rejected by the real
 //! API server with a message a user can act on.
 
-mod common;
-
-use common::World;
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
 };
+use portassign_testkit::World;
 use serde_json::{Value, json};
 
 #[test]

@@ -6,20 +6,18 @@
 //! The rejected spec cases of `tests/crd.rs` (13 creates, 2 immutable fields, 3 status
 //! writes) complete this table.
 
-mod common;
-
 use std::{sync::Arc, time::Duration};
 
-use common::{OwnControlPlane, World, eventually, keys, port_block, ports_of, ready_reason};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, ResourceExt,
     api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
 };
 use portassign::{
+    agent::probe::SocketProbe,
     checker::{self, Expectations},
-    probe::SocketProbe,
 };
+use portassign_testkit::{Cluster, World, eventually, keys, port_block, ports_of, ready_reason};
 use serde_json::{Value, json};
 
 fn dynamic(w: &World) -> Api<DynamicObject> {
@@ -47,9 +45,8 @@ async fn edit_status(w: &World, name: &str, status: Value) -> Result<(), kube::E
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
-    let plane = OwnControlPlane::start("hostile", &[]);
-    let client = plane.client().await;
-    let w = World::with_client(client.clone(), "hostile").await;
+    let plane = Cluster::own("hostile", &[]).await;
+    let w = World::on(&plane, "hostile").await;
     let raw = dynamic(&w);
     let range = port_block(1100);
     let agent = w.agent(range).await;
@@ -202,7 +199,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     w.gone("forced").await;
     let url = format!("http://{}", agent.http_addr);
     eventually("force-deleted object's ports released", Duration::from_secs(20), || async {
-        let table = checker::fetch_agent_table(&url).await.ok()?;
+        let table = checker::fetch_table(&url).await.ok()?;
         table.ports.iter().all(|e| !forced.values().any(|p| *p == e.port)).then_some(())
     })
     .await;
@@ -248,7 +245,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     report("create and delete the same name 15 times", "nothing left behind (checker below)");
 
     // An object this agent cannot decode: a newer CRD allows protocol SCTP.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crds: Api<CustomResourceDefinition> = Api::all(w.client.clone());
     let mut crd = crds.get("portassignments.portassign.io").await.unwrap();
     let schema = crd.spec.versions[0].schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()).expect("schema");
     let protocol = schema
@@ -273,7 +270,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     })
     .await;
     let events = eventually("InvalidObject event", Duration::from_secs(30), || async {
-        let e = w.event_reasons("future").await;
+        let e = w.events("future").await;
         e.iter().any(|(r, _)| r == "InvalidObject").then_some(e)
     })
     .await;
@@ -291,7 +288,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     let expect = Expectations { ranges: [(w.node.clone(), range)].into_iter().collect(), ..Default::default() };
     let started = std::time::Instant::now();
     let violations = loop {
-        let table = checker::fetch_agent_table(&url).await.unwrap();
+        let table = checker::fetch_table(&url).await.unwrap();
         let objects: Vec<_> = w.api().list(&Default::default()).await.unwrap().items;
         let objects: Vec<_> = objects.into_iter().filter(|o| o.spec.node_name == w.node).collect();
         let violations = checker::check(&objects, &[table], &expect, k8s_openapi::jiff::Timestamp::now());

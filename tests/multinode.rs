@@ -5,17 +5,13 @@
 //! Needs root (it runs `ip netns` and `ip link`); CI runs as root. Without root the
 //! test fails and says so.
 
-mod common;
-
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use common::{AgentProcess, OwnControlPlane, eventually, ports_of};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -23,8 +19,9 @@ use kube::{
 use portassign::{
     api::{PortAssignment, PortAssignmentSpec, Protocol},
     checker::{self, Expectations},
-    table::PortRange,
+    range::PortRange,
 };
+use portassign_testkit::{AgentProcess, Cluster, eventually, ports_of};
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
@@ -125,12 +122,13 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
 
     // One API server for all nodes, reachable over each veth.
     let sans = host_ips.join(",");
-    let plane = OwnControlPlane::start(
-        "multinode",
-        &[("PORTASSIGN_APISERVER_BIND", "0.0.0.0"), ("PORTASSIGN_APISERVER_SANS", &sans)],
-    );
-    let client = plane.client().await;
-    let admin = std::fs::read_to_string(&plane.kubeconfig).expect("kubeconfig");
+    let plane =
+        Cluster::own("multinode", &[("PORTASSIGN_APISERVER_BIND", "0.0.0.0"), ("PORTASSIGN_APISERVER_SANS", &sans)])
+            .await;
+    let client = plane.admin.client();
+    // The agents run as the chart's ServiceAccount, reaching the API server over their veth.
+    let credentials = std::fs::read_to_string(&plane.agent.kubeconfig).expect("agent kubeconfig");
+    let dir = plane.plane_dir().expect("the test's own control plane").to_owned();
 
     // Every node has the same range; port `first` is held inside node 0's namespace only.
     let range = PortRange::new(27500, 27504).unwrap();
@@ -138,19 +136,18 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
 
     let mut agents = Vec::new();
     for i in 0..3 {
-        let kubeconfig = PathBuf::from(format!("{}/kubeconfig-node-{i}", plane.dir.display()));
-        std::fs::write(&kubeconfig, admin.replace("https://127.0.0.1:", &format!("https://{}:", host_ips[i]))).unwrap();
+        let kubeconfig = dir.join(format!("kubeconfig-node-{i}"));
+        std::fs::write(&kubeconfig, credentials.replace("https://127.0.0.1:", &format!("https://{}:", host_ips[i])))
+            .unwrap();
         let listen = SocketAddr::from(([0, 0, 0, 0], 9477));
         let http: SocketAddr = format!("{}:9477", node_ips[i]).parse().unwrap();
         let ns = format!("pa-{tag}-{i}");
-        agents.push(AgentProcess::start(
-            &kubeconfig,
-            &node_names[i],
-            range,
+        let agent = AgentProcess::new(&kubeconfig, &node_names[i]).range(range).wrapped(
             &["ip", "netns", "exec", &ns],
             listen,
             http,
-        ));
+        );
+        agents.push(agent.start().await);
     }
 
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
@@ -169,8 +166,7 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
         let name = format!("pool-{i}");
         let ports = eventually(&format!("{name} Ready"), Duration::from_secs(60), || async {
             let o = api.get(&name).await.ok()?;
-            let ready = o.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then(|| ports_of(&o))
+            o.is_ready().then(|| ports_of(&o))
         })
         .await;
         got.push(ports["sandbox"]);
@@ -182,7 +178,7 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
     // Each agent holds only its own node's objects, and memory agrees with the statuses.
     let mut tables = Vec::new();
     for (i, agent) in agents.iter().enumerate() {
-        let table = checker::fetch_agent_table(&agent.url).await.expect("agent table");
+        let table = checker::fetch_table(&agent.url).await.expect("agent table");
         let names: Vec<&str> = table.ports.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, vec![format!("pool-{i}")], "agent of node {i} holds only its node's objects");
         tables.push(table);

@@ -2,17 +2,15 @@
 //! in Terminating and no status keeps counting ports. On a control plane of its own,
 //! because the janitor acts cluster-wide.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{OwnControlPlane, World, eventually, port_block, ports_of, ready_reason};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
 };
 use portassign::janitor;
+use portassign_testkit::{Cluster, World, eventually, port_block, ports_of, ready_reason};
 use tokio_util::sync::CancellationToken;
 
 async fn create_node(client: &kube::Client, name: &str) {
@@ -22,16 +20,17 @@ async fn create_node(client: &kube::Client, name: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn objects_of_a_deleted_node_are_released_and_not_left_terminating() {
-    let plane = OwnControlPlane::start("orphans", &[]);
-    let client = plane.client().await;
-    let w = World::with_client(client.clone(), "orphans").await;
+    let plane = Cluster::own("orphans", &[]).await;
+    let client = plane.admin.client();
+    let w = World::on(&plane, "orphans").await;
     let gone_node = "node-gone";
     let live_node = w.node.clone();
     create_node(&client, gone_node).await;
     create_node(&client, &live_node).await;
 
     let range = port_block(10);
-    let gone_agent = w.agent_for(gone_node, range, std::sync::Arc::new(portassign::probe::SocketProbe::detect())).await;
+    let gone_agent =
+        w.agent_for(gone_node, range, std::sync::Arc::new(portassign::agent::probe::SocketProbe::detect())).await;
     let live_agent = w.agent(range).await;
     w.create_for(gone_node, "kept", portassign::api::Protocol::Tcp, &["a", "b"]).await;
     w.create_for(gone_node, "deleting", portassign::api::Protocol::Tcp, &["c"]).await;
@@ -51,14 +50,15 @@ async fn objects_of_a_deleted_node_are_released_and_not_left_terminating() {
     let config = janitor::Config {
         grace: Duration::from_secs(2),
         interval: Duration::from_millis(300),
-        lease_namespace: "default".into(),
+        lease_namespace: w.system_namespace.clone(),
         identity: "janitor-1".into(),
         lease_duration: Duration::from_secs(15),
     };
     let stop = CancellationToken::new();
-    let first = tokio::spawn(janitor::run(client.clone(), config.clone(), stop.clone()));
+    // Both janitors run as the chart's janitor ServiceAccount, with the chart's RBAC.
+    let first = tokio::spawn(janitor::run(w.janitor_identity.client(), config.clone(), stop.clone()));
     let second = tokio::spawn(janitor::run(
-        client.clone(),
+        w.janitor_identity.client(),
         janitor::Config { identity: "janitor-2".into(), ..config },
         stop.clone(),
     ));
@@ -70,7 +70,7 @@ async fn objects_of_a_deleted_node_are_released_and_not_left_terminating() {
     })
     .await;
     assert!(ports_of(&kept).is_empty(), "the ports of a gone node are no longer recorded");
-    let events = w.event_reasons("kept").await;
+    let events = w.events("kept").await;
     assert!(events.iter().any(|(r, _)| r == "NodeNotFound"), "a NodeNotFound event: {events:?}");
 
     // The object of the node that still exists is untouched, even with its agent stopped.
@@ -79,7 +79,7 @@ async fn objects_of_a_deleted_node_are_released_and_not_left_terminating() {
     assert_eq!(ports_of(&w.api().get("healthy").await.unwrap()), healthy);
 
     // One lease, one holder.
-    let lease = Api::<Lease>::namespaced(client.clone(), "default").get(janitor::LEASE_NAME).await.unwrap();
+    let lease = Api::<Lease>::namespaced(client.clone(), &w.system_namespace).get(janitor::LEASE_NAME).await.unwrap();
     let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     assert!(holder == "janitor-1" || holder == "janitor-2", "lease held by {holder}");
 

@@ -1,5 +1,11 @@
 //! The node agent: rebuilds the node's table from the statuses, then runs the
 //! controller, and serves health, readiness, metrics and the table on HTTP.
+//!
+//! - [`table`]: the node's port table (sans-IO).
+//! - [`probe`]: checks a port is free on the node by binding it.
+//! - [`reconcile`]: the reconcile loop (finalizer, status, events).
+//! - [`http`]: the HTTP server and the `/debug/table` document.
+//! - [`metrics`]: the Prometheus metrics.
 
 use std::{
     collections::HashMap,
@@ -11,11 +17,10 @@ use std::{
     time::Duration,
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, ResourceExt,
     api::ListParams,
     core::DeserializeGuard,
     runtime::{
@@ -30,18 +35,22 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::{
-    api::PortAssignment,
-    controller::{self, Context},
-    metrics::Metrics,
-    probe::{self, PortProbe},
-    table::{ObjectId, PortRange, PortTable, Recorded},
-};
+pub mod http;
+pub mod metrics;
+pub mod probe;
+pub mod reconcile;
+pub mod table;
 
-/// The Kubernetes NodePort range of a default cluster (`--service-node-port-range`).
-pub const NODEPORT_RANGE: (u16, u16) = (30000, 32767);
-/// The default allocation range: below both the NodePort and the usual ephemeral range.
-pub const DEFAULT_RANGE: &str = "20000-29999";
+use self::{
+    metrics::Metrics,
+    probe::PortProbe,
+    reconcile::Context,
+    table::{ObjectId, PortTable, Recorded},
+};
+use crate::{
+    api::{PortAssignment, event_reason},
+    range::{NODEPORT_RANGE, PortRange},
+};
 
 /// Settings of one node's agent.
 #[derive(Clone, Debug)]
@@ -109,12 +118,6 @@ impl Running {
     }
 }
 
-#[derive(Clone)]
-struct Http {
-    ctx: Arc<Context>,
-    ready: Arc<AtomicBool>,
-}
-
 /// Starts the agent: binds the HTTP server, then (in the background) rebuilds the
 /// table and runs the controller until the returned handle is stopped.
 pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) -> Result<Running, Error> {
@@ -137,13 +140,7 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
 
-    let http = Http { ctx: ctx.clone(), ready: ready.clone() };
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/debug/table", get(debug_table))
-        .with_state(http);
+    let app = http::router(ctx.clone(), ready.clone());
     let http_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
@@ -197,7 +194,7 @@ async fn run(
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(controller::reconcile, controller::error_policy, ctx)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 match error {
@@ -239,9 +236,8 @@ async fn release_vanished(
             if store.get(&reference).is_some() {
                 continue;
             }
-            let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
-            match api.get_opt(&id.name).await {
-                Ok(None) => {
+            match still_exists(&ctx.client, &id).await {
+                Ok(false) => {
                     // Checked again under the table lock: a new object of the same name
                     // enters the store before any reconcile of it can take ports.
                     let released = {
@@ -255,11 +251,21 @@ async fn release_vanished(
                     ctx.wake_waiting(&released);
                     warn!(object = %id, ports = released.ports.len(), "object vanished without its finalizer running: released its ports");
                 }
-                Ok(Some(_)) => {}
+                Ok(true) => {}
                 Err(error) => warn!(object = %id, %error, "could not confirm that an object is gone"),
             }
         }
     }
+}
+
+/// Whether the object `id` names exists on the API server. Asked with a list by name
+/// rather than a GET: the agent's role grants `list` (it lists its node's objects
+/// anyway) and no `get`, and one verb fewer is one less thing a token can do.
+async fn still_exists(client: &Client, id: &ObjectId) -> Result<bool, kube::Error> {
+    // Metadata only: an object this agent cannot decode still counts as existing.
+    let api: Api<PortAssignment> = Api::namespaced(client.clone(), &id.namespace);
+    let params = ListParams::default().fields(&format!("metadata.name={}", id.name)).limit(1);
+    Ok(!api.list_metadata(&params).await?.items.is_empty())
 }
 
 /// The field selector that limits the agent to its node's objects.
@@ -294,7 +300,7 @@ async fn rebuild(
                 // Being deleted: its ports are released already, whatever its status says.
                 continue;
             }
-            let id = ObjectId::new(object.namespace().unwrap_or_default(), object.name_any());
+            let id = object.id();
             let ports = object
                 .status
                 .as_ref()
@@ -302,7 +308,7 @@ async fn rebuild(
                 .unwrap_or_default();
             let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
             records.push(Recorded { object: id.clone(), age, ports });
-            references.insert(id, object.object_ref(&()));
+            references.insert(id, reconcile::event_reference(&object));
         }
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
@@ -318,7 +324,7 @@ async fn rebuild(
             d.port, d.loser.key, d.keeper.key, d.keeper.object, d.keeper.object, d.loser.key
         );
         warn!(object = %d.loser.object, "{message}");
-        ctx.publish_on(reference.clone(), EventType::Warning, "DuplicatePort", message);
+        ctx.publish_on(reference.clone(), EventType::Warning, event_reason::DUPLICATE_PORT, message);
     }
     {
         let table = ctx.table();
@@ -346,53 +352,4 @@ fn warn_on_overlaps(range: PortRange) {
     {
         warn!(%range, %nodeport, "the port range overlaps the default Kubernetes NodePort range");
     }
-}
-
-async fn readyz(State(http): State<Http>) -> impl IntoResponse {
-    if http.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "rebuilding the port table")
-    }
-}
-
-async fn metrics(State(http): State<Http>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], http.ctx.metrics.render())
-}
-
-/// The agent's in-memory table: what the invariant checker compares with the statuses.
-#[derive(serde::Serialize)]
-struct TableView {
-    node: String,
-    range: String,
-    ready: bool,
-    ports: Vec<TableEntry>,
-}
-
-#[derive(serde::Serialize)]
-struct TableEntry {
-    port: u16,
-    namespace: String,
-    name: String,
-    key: String,
-}
-
-async fn debug_table(State(http): State<Http>) -> Json<TableView> {
-    let table = http.ctx.table();
-    let ports = table
-        .entries()
-        .into_iter()
-        .map(|(port, h)| TableEntry {
-            port,
-            namespace: h.object.namespace.clone(),
-            name: h.object.name.clone(),
-            key: h.key.clone(),
-        })
-        .collect();
-    Json(TableView {
-        node: http.ctx.node_name.clone(),
-        range: table.range().to_string(),
-        ready: http.ready.load(Ordering::SeqCst),
-        ports,
-    })
 }

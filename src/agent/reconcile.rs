@@ -28,11 +28,14 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
-use crate::{
-    api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, reason},
+use super::{
     metrics::Metrics,
     probe::PortProbe,
     table::{ObjectId, PortTable, Released, Reservation, Shortage},
+};
+use crate::api::{
+    CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, event_reason, finalizer_removal_patch,
+    reason,
 };
 
 /// Field manager of every write the agent makes.
@@ -76,7 +79,7 @@ impl Context {
 
     /// Publishes an event without delaying the reconcile; a failure is only logged.
     pub fn publish(&self, object: &PortAssignment, type_: EventType, reason: &str, note: String) {
-        self.publish_on(object.object_ref(&()), type_, reason, note);
+        self.publish_on(event_reference(object), type_, reason, note);
     }
 
     /// Publishes an event about the object `reference` points to.
@@ -145,8 +148,14 @@ impl Error {
     }
 }
 
-fn object_id(object: &PortAssignment) -> ObjectId {
-    ObjectId::new(object.namespace().unwrap_or_default(), object.name_any())
+/// The object an event is about, at the version it was reconciled at. The recorder
+/// merges events with the same reason and reference into one series that keeps the
+/// first note, so without the version a second `Assigned` (a key added later) would
+/// only bump the count of the first and its ports would appear in no event. With it,
+/// each change of the object gets events of its own, and only a true repeat (the same
+/// version reconciled again) is counted in a series.
+pub(crate) fn event_reference(object: &PortAssignment) -> ObjectReference {
+    ObjectReference { resource_version: object.metadata.resource_version.clone(), ..object.object_ref(&()) }
 }
 
 /// Reconciles one object: the single entry point of its lifecycle.
@@ -160,7 +169,7 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
         // The field selector keeps other nodes' objects out; this guards a misconfigured watch.
         return Ok(Action::await_change());
     }
-    let id = object_id(object);
+    let id = object.id();
     let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
     let result = finalizer::finalizer(&api, FINALIZER, Arc::new(object.clone()), |event| async {
         match event {
@@ -179,7 +188,7 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
 /// Gives every key a port, records the result in the status, and only then releases
 /// the ports of keys that left the spec.
 async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
-    let id = object_id(object);
+    let id = object.id();
     let protocol = object.spec.protocol;
     let reservation = ctx
         .table()
@@ -206,18 +215,28 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
 
     if !reservation.added.is_empty() {
         info!(object = %id, added = reservation.added.len(), "assigned ports");
-        ctx.publish(object, EventType::Normal, "Assigned", format!("assigned {}", describe(&reservation.added)));
+        ctx.publish(
+            object,
+            EventType::Normal,
+            event_reason::ASSIGNED,
+            format!("assigned {}", describe(&reservation.added)),
+        );
     }
     if !released.ports.is_empty() {
         info!(object = %id, released = released.ports.len(), "released ports of removed keys");
-        ctx.publish(object, EventType::Normal, "Released", format!("released {}", describe(&released.ports)));
+        ctx.publish(
+            object,
+            EventType::Normal,
+            event_reason::RELEASED,
+            format!("released {}", describe(&released.ports)),
+        );
     }
     match reservation.shortage {
         None => Ok(Action::await_change()),
         Some(shortage) => {
             let (reason, message) = shortage_message(shortage, &reservation, ctx);
             warn!(object = %id, reason, "{message}");
-            if object.status.as_ref().and_then(ready_reason) != Some(reason) {
+            if object.ready_condition().map(|c| c.reason.as_str()) != Some(reason) {
                 ctx.publish(object, EventType::Warning, reason, message);
             }
             Ok(Action::requeue(SHORTAGE_RETRY))
@@ -228,7 +247,7 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
 /// Releases every port of a deleted object. Its status is left as it is: an object
 /// being deleted holds no ports, whatever its status says.
 fn cleanup(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
-    let id = object_id(object);
+    let id = object.id();
     let released = ctx.release_object(&id);
     info!(object = %id, released, "object deleted: released its ports");
     Ok(Action::await_change())
@@ -255,15 +274,14 @@ async fn reconcile_invalid(
         field_path: None,
     };
     let note = format!("this agent cannot read the object ({}); it assigns no ports to it", invalid.error);
-    ctx.publish_on(reference, EventType::Warning, "InvalidObject", note);
+    ctx.publish_on(reference, EventType::Warning, event_reason::INVALID_OBJECT, note);
     let has_finalizer = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
     if meta.deletion_timestamp.is_none() || !has_finalizer {
         return Ok(Action::await_change());
     }
     ctx.release_object(&id);
     let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
-    let remaining: Vec<&String> = meta.finalizers.iter().flatten().filter(|f| *f != FINALIZER).collect();
-    let patch = json!({ "metadata": { "finalizers": remaining, "resourceVersion": meta.resource_version } });
+    let patch = finalizer_removal_patch(meta);
     api.patch(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|source| Error::Finalizer {
         object: id,
         source: Box::new(finalizer::Error::RemoveFinalizer(source)),
@@ -300,7 +318,7 @@ fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAss
         ),
     };
     let generation = object.metadata.generation;
-    let previous = object.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY));
+    let previous = object.ready_condition();
     let last_transition_time = match previous {
         Some(c) if c.status == status => c.last_transition_time.clone(),
         _ => Time(Timestamp::now()),
@@ -323,10 +341,6 @@ fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAss
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-fn ready_reason(status: &PortAssignmentStatus) -> Option<&str> {
-    status.conditions.iter().find(|c| c.type_ == CONDITION_READY).map(|c| c.reason.as_str())
 }
 
 /// Writes the status with server-side apply. Entries of keys the agent no longer wants

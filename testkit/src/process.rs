@@ -1,0 +1,198 @@
+//! `portassign` as a real process (so tests can SIGKILL it, run it in a network
+//! namespace, or measure it), always with credentials the test chooses. Its HTTP address
+//! is the one the kit passes with `--listen`, never read from its log.
+
+use std::{
+    fs::OpenOptions,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use portassign::{agent::http, range::PortRange};
+
+/// The `portassign` binary: `PORTASSIGN_BIN`, else `portassign` in the target directory
+/// of the running test (cargo builds it for the root package's tests; `make test`
+/// builds it first for the other crates').
+pub fn portassign_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTASSIGN_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/debug/deps/test-HASH -> target/debug/portassign
+    let profile = exe.parent().and_then(Path::parent).expect("a test binary lives in target/PROFILE/deps");
+    let bin = profile.join("portassign");
+    assert!(bin.exists(), "{} is missing: run `cargo build --bin portassign` (or set PORTASSIGN_BIN)", bin.display());
+    bin
+}
+
+/// A free TCP port on loopback (bound and released; good enough for test processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Environment variables that would change an agent's settings behind the test's back.
+const SETTINGS_ENV: [&str; 7] = [
+    "NODE_NAME",
+    "POD_NAME",
+    "PORTASSIGN_PORT_RANGE",
+    "PORTASSIGN_CONCURRENCY",
+    "PORTASSIGN_LISTEN",
+    "PORTASSIGN_LOG_FORMAT",
+    "RUST_LOG",
+];
+
+/// A `portassign agent` process for one node.
+pub struct AgentProcess {
+    /// Node it serves.
+    pub node: String,
+    /// `http://HOST:PORT` of its HTTP server.
+    pub url: String,
+    args: Vec<String>,
+    prefix: Vec<String>,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// An agent for `node` that authenticates with `kubeconfig` (a kit identity's, so the
+    /// chart's RBAC applies), listening on a free loopback port; not started yet.
+    pub fn new(kubeconfig: &Path, node: &str) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        AgentProcess {
+            node: node.to_owned(),
+            url: format!("http://{addr}"),
+            args: vec!["agent".into(), "--node-name".into(), node.into(), "--listen".into(), addr.to_string()],
+            prefix: Vec::new(),
+            kubeconfig: kubeconfig.to_owned(),
+            log: std::env::temp_dir().join(format!("portassign-agent-{node}-{}.log", std::process::id())),
+            child: None,
+        }
+        .arg("--pod-name")
+        .arg(&format!("test-{node}"))
+    }
+
+    /// Assigns ports from `range`.
+    pub fn range(self, range: PortRange) -> Self {
+        self.arg("--port-range").arg(&range.to_string())
+    }
+
+    /// Runs the agent through `prefix` (for example `ip netns exec NS`), listening on
+    /// `listen` and reached by the test at `reach`.
+    pub fn wrapped(mut self, prefix: &[&str], listen: SocketAddr, reach: SocketAddr) -> Self {
+        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        let at = self.args.iter().position(|a| a == "--listen").expect("--listen is always set") + 1;
+        self.args[at] = listen.to_string();
+        self.url = format!("http://{reach}");
+        self
+    }
+
+    /// One more command-line argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    /// Writes the agent's output to `path` (default: a file in the temp directory).
+    pub fn log_to(mut self, path: PathBuf) -> Self {
+        self.log = path;
+        self
+    }
+
+    /// Starts the agent and waits until `/readyz` answers 200.
+    pub async fn start(mut self) -> Self {
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60)).await;
+        self
+    }
+
+    /// (Re)starts the process without waiting for readiness.
+    pub fn spawn(&mut self) {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let bin = portassign_bin().to_string_lossy().into_owned();
+        let mut command = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(&bin);
+                command
+            }
+            None => Command::new(&bin),
+        };
+        for var in SETTINGS_ENV {
+            command.env_remove(var);
+        }
+        let child = command
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+        self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200 (polled every 2 ms, so restart times can be
+    /// measured with it); panics after `timeout` with the log's path.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let url = format!("{}/readyz", self.url);
+        let deadline = Instant::now() + timeout;
+        while !matches!(http::get(&url).await, Ok((200, _))) {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} not ready after {timeout:?}; log: {}",
+                self.node,
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no cleanup, no graceful shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s; whether it stopped on SIGTERM.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The path of the agent's log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
