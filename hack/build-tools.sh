@@ -141,8 +141,10 @@ module_source() {
     local dir
     dir=$(go mod download -json "$module@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
     [ -d "$dir" ] || { log "could not download $module@$version"; exit 1; }
-    rm -rf "$src.tmp"; cp -r "$dir" "$src.tmp"; chmod -R u+w "$src.tmp"
-    rm -rf "$src"; mv "$src.tmp" "$src"
+    mkdir -p "$cache/src"
+    rm -rf "$src.tmp"
+    { cp -r "$dir" "$src.tmp" && chmod -R u+w "$src.tmp" && rm -rf "$src" && mv "$src.tmp" "$src"; } ||
+      { log "could not copy the source of $module@$version to $src"; exit 1; }
   fi
   echo "$src"
 }
@@ -151,7 +153,7 @@ module_source() {
 build_containerd() {
   local out; out=$(tool_dir containerd "$CONTAINERD_VERSION")
   [ -x "$out/containerd-shim-runc-v2" ] && { echo "$out"; return; }
-  local src; src=$(module_source github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" containerd)
+  local src; src=$(module_source github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" containerd) || exit 1
   log "building containerd $CONTAINERD_VERSION"
   mkdir -p "$out.tmp"
   local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
@@ -167,7 +169,7 @@ build_containerd() {
 build_crictl() {
   local out; out=$(tool_dir crictl "$CRICTL_VERSION")
   [ -x "$out/crictl" ] && { echo "$out"; return; }
-  local src; src=$(module_source sigs.k8s.io/cri-tools "$CRICTL_VERSION" cri-tools)
+  local src; src=$(module_source sigs.k8s.io/cri-tools "$CRICTL_VERSION" cri-tools) || exit 1
   log "building crictl $CRICTL_VERSION"
   mkdir -p "$out.tmp"
   ( cd "$src" && go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
@@ -180,7 +182,7 @@ build_crictl() {
 build_cni_plugins() {
   local out; out=$(tool_dir cni-plugins "$CNI_PLUGINS_VERSION")
   [ -x "$out/portmap" ] && { echo "$out"; return; }
-  local src; src=$(module_source github.com/containernetworking/plugins "$CNI_PLUGINS_VERSION" cni-plugins)
+  local src; src=$(module_source github.com/containernetworking/plugins "$CNI_PLUGINS_VERSION" cni-plugins) || exit 1
   log "building CNI plugins $CNI_PLUGINS_VERSION"
   mkdir -p "$out.tmp"
   local ld="-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION"
