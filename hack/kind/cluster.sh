@@ -83,7 +83,7 @@ cmd_up() {
     running=$(docker ps -q --filter "label=io.x-k8s.kind.cluster=$cluster" --filter status=running | wc -l)
     if [ "$all" -ne "$running" ]; then
       klog "the kind cluster $cluster has stopped nodes ($running of $all running): recreating it"
-      "$KIND_BIN" delete cluster --name "$cluster" >&2
+      "$KIND_BIN" delete cluster --name "$cluster" --kubeconfig "$kc" >&2
     fi
   fi
   if cluster_exists; then
@@ -115,7 +115,9 @@ cmd_down() {
   kind=$(kind_bin)
   if "$kind" get clusters 2>/dev/null | grep -qx "$cluster"; then
     klog "deleting the kind cluster $cluster"
-    "$kind" delete cluster --name "$cluster" >&2
+    # --kubeconfig: kind removes the cluster's entry from that file (by default from
+    # ~/.kube/config, which these scripts never use).
+    "$kind" delete cluster --name "$cluster" --kubeconfig "$default_kubeconfig" >&2
   else
     klog "no kind cluster $cluster"
   fi

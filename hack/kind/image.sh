@@ -72,6 +72,10 @@ fi
 missing=$(ldd "$binary" 2>/dev/null | awk '$2 == "=>" {print $1}' | grep -v -E '^(libc|libm|libgcc_s|libdl|libpthread|librt|libresolv|libutil|libnsl|libanl|libBrokenLocale|libmvec|libnss_[a-z]+)\.so' || true)
 [ -z "$missing" ] || kdie "the binary links libraries the runtime base lacks: $missing"
 
+ctx=""
+# An engine started for this build (so no cluster runs on it) stops again afterwards.
+cleanup() { [ -z "$ctx" ] || rm -rf "$ctx"; engine_release; }
+trap cleanup EXIT
 engine_up
 base=$(runtime_base)
 image=${PORTASSIGN_IMAGE:-portassign:dev-$(sha256sum "$binary" | cut -c1-12)}
@@ -81,7 +85,6 @@ version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -n 1)
 # prebuilt stage expects it, wherever CARGO_TARGET_DIR put it (and no walk through a
 # target directory of gigabytes).
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/portassign-image.XXXXXX")
-trap 'rm -rf "$ctx"' EXIT
 cp "$REPO/Dockerfile" "$REPO/.dockerignore" "$ctx/"
 mkdir -p "$ctx/target/release"
 cp "$binary" "$ctx/target/release/portassign"

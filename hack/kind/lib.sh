@@ -116,8 +116,10 @@ EOF
 
 # install_docker: Debian's docker.io (dockerd, containerd, runc), when dockerd is missing.
 install_docker() {
-  command -v dockerd >/dev/null && command -v runc >/dev/null && command -v jq >/dev/null && return
-  command -v apt-get >/dev/null || kdie "no Docker engine answers and dockerd is missing; install Docker (no apt-get here)"
+  local c missing=""
+  for c in docker dockerd runc jq; do command -v "$c" >/dev/null || missing+=" $c"; done
+  [ -n "$missing" ] || return 0
+  command -v apt-get >/dev/null || kdie "no Docker engine answers and$missing missing; install Docker (no apt-get here)"
   klog "installing Debian's docker.io (dockerd, containerd, runc) and jq with apt-get"
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker.io jq >&2 ||
     { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker.io jq >&2; } ||
@@ -174,6 +176,13 @@ EOF
   done
   ENGINE_PRIVATE=1
   klog "private Docker engine up: DOCKER_HOST=$DOCKER_HOST"
+}
+
+# engine_release: stop the private engine if this script started it, unless KEEP_ENGINE=1
+# (for scripts that need the engine only while they run; call it from an EXIT trap).
+engine_release() {
+  [ "$ENGINE_PRIVATE" = 1 ] && [ "${KEEP_ENGINE:-}" != 1 ] || return 0
+  engine_down
 }
 
 # engine_down: stop the private engine (if it runs); any other engine is left alone.

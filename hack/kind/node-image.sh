@@ -28,7 +28,8 @@
 #        hack/kind/node-image.sh --force  build it even if the engine has it
 #        hack/kind/node-image.sh --tag    print the tag only
 # Needs root, Go, gcc (static libc), debootstrap (installed with apt-get if missing) and
-# a Docker engine (hack/kind/lib.sh starts a private one if none answers).
+# a Docker engine (hack/kind/lib.sh starts a private one if none answers; one started
+# here is stopped again at the end unless KEEP_ENGINE=1).
 set -euo pipefail
 # shellcheck disable=SC2034 # used by lib.sh
 KLOG_NAME=node-image
@@ -316,6 +317,7 @@ engine_up
 if [ "${1:-}" != --force ] && have_image "$NODE_IMAGE"; then
   klog "cached: $NODE_IMAGE"
   echo "$NODE_IMAGE"
+  engine_release
   exit 0
 fi
 started=$(date +%s)
@@ -328,7 +330,7 @@ done
 rootfs_image
 
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/portassign-node-image.XXXXXX")
-trap 'rm -rf "$ctx"' EXIT
+trap 'rm -rf "$ctx"; engine_release' EXIT
 mapfile -t required < <("$(tool kubeadm)/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION" | grep -v /coredns)
 pause_image=$(printf '%s\n' "${required[@]}" | grep /pause:)
 [ "$pause_image" = "registry.k8s.io/pause:$PAUSE_VERSION" ] ||
