@@ -7,7 +7,8 @@
 #
 # Usage: hack/build-tools.sh [TOOL ...]
 #   (default: etcd kube-apiserver kubectl helm)
-#   TOOL is one of: kube-apiserver kubectl etcd helm kind, or, for hack/kind/node-image.sh,
+#   TOOL is one of: kube-apiserver kubectl etcd helm helm-unittest (prints a HELM_PLUGINS
+#   directory) kind, or, for hack/kind/node-image.sh,
 #   kubelet kubeadm kube-controller-manager kube-scheduler kube-proxy
 #   containerd (with ctr and containerd-shim-runc-v2) crictl
 #   cni-plugins (host-local loopback ptp portmap) pause (C, needs gcc and a static libc)
@@ -131,6 +132,29 @@ build_kind() {
   echo "$out"
 }
 
+# helm-unittest, laid out as a helm plugin directory: HELM_PLUGINS=<printed dir> helm unittest
+# CHART. Built from its module source with its own go.mod, as its Makefile builds it; the
+# plugin.yaml written here runs that binary (the module's own would download one on install).
+build_helm_unittest() {
+  local out; out=$(tool_dir helm-unittest "$HELM_UNITTEST_VERSION")
+  [ -x "$out/unittest/untt" ] && { echo "$out"; return; }
+  local src; src=$(module_source github.com/helm-unittest/helm-unittest "$HELM_UNITTEST_VERSION" helm-unittest)
+  log "building helm-unittest $HELM_UNITTEST_VERSION"
+  mkdir -p "$out.tmp/unittest"
+  ( cd "$src" && go build -trimpath \
+      -ldflags "-s -w -X github.com/helm-unittest/helm-unittest/internal/build.version=${HELM_UNITTEST_VERSION#v}" \
+      -o "$out.tmp/unittest/untt" ./cmd/helm-unittest )
+  cat >"$out.tmp/unittest/plugin.yaml" <<EOF
+name: unittest
+version: "${HELM_UNITTEST_VERSION#v}"
+usage: unit tests for helm charts
+description: helm-unittest $HELM_UNITTEST_VERSION, built from its Go module by hack/build-tools.sh
+command: "\$HELM_PLUGIN_DIR/untt"
+EOF
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 # module_source MODULE VERSION NAME: a writable copy of MODULE@VERSION's source under
 # $cache/src/NAME-VERSION (from the module proxy), so it builds with its own go.mod and
 # go.sum, the way its Makefile would. Prints the directory.
@@ -218,6 +242,7 @@ for t in "${tools[@]}"; do
     etcd) build_etcd ;;
     helm) build_helm ;;
     kind) build_kind ;;
+    helm-unittest) build_helm_unittest ;;
     containerd) build_containerd ;;
     crictl) build_crictl ;;
     cni-plugins) build_cni_plugins ;;
