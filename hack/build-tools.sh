@@ -11,7 +11,8 @@
 #   directory) kind, or, for hack/kind/node-image.sh,
 #   kubelet kubeadm kube-controller-manager kube-scheduler kube-proxy
 #   containerd (with ctr and containerd-shim-runc-v2) crictl
-#   cni-plugins (host-local loopback ptp portmap) pause (C, needs gcc and a static libc)
+#   cni-plugins (host-local loopback ptp portmap) coredns pause (C, needs gcc and a
+#   static libc)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -218,6 +219,18 @@ build_cni_plugins() {
   echo "$out"
 }
 
+build_coredns() {
+  local out; out=$(tool_dir coredns "$COREDNS_VERSION")
+  [ -x "$out/coredns" ] && { echo "$out"; return; }
+  local src; src=$(module_source github.com/coredns/coredns "$COREDNS_VERSION" coredns) || exit 1
+  log "building CoreDNS $COREDNS_VERSION"
+  mkdir -p "$out.tmp"
+  ( cd "$src" && go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+      -o "$out.tmp/coredns" . )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
 # pause: the static C program from the kubernetes source (build/pause/linux/pause.c),
 # versioned by the image tag kubeadm expects.
 build_pause() {
@@ -246,6 +259,7 @@ for t in "${tools[@]}"; do
     containerd) build_containerd ;;
     crictl) build_crictl ;;
     cni-plugins) build_cni_plugins ;;
+    coredns) build_coredns ;;
     pause) build_pause ;;
     *) log "unknown tool: $t"; exit 2 ;;
   esac

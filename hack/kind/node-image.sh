@@ -14,15 +14,16 @@
 #      may not let even root lower oom_score_adj) and a CNI conf_template (ptp +
 #      host-local over the node's pod CIDR + portmap) instead of kindnet.
 #   3. control-plane images: kube-apiserver, kube-controller-manager, kube-scheduler,
-#      kube-proxy, etcd and pause, each a `docker import` of its binary plus the few
-#      files it needs, tagged exactly as `kubeadm config images list` prints them.
+#      kube-proxy, CoreDNS, etcd and pause, each a `docker import` of its binary plus the
+#      few files it needs, tagged exactly as `kubeadm config images list` prints them.
 #   4. node image: the images preloaded into the node's containerd (pinned, like kind),
 #      then `docker commit`.
 #
 # The result is tagged portassign/kind-node:<kubernetes version>-<key>, where the key
 # hashes hack/versions.env and this script; an engine that has it already is not asked
 # to build it again (the private engine keeps its images in its data root across runs).
-# CoreDNS is not built: the cluster config skips kubeadm's addon/coredns phase.
+# Not built: kindnet (see cluster.yaml) and kind's local-path storage provisioner (kind
+# then installs its legacy host-path StorageClass).
 #
 # Usage: hack/kind/node-image.sh          build (or find) the image; print its tag
 #        hack/kind/node-image.sh --force  build it even if the engine has it
@@ -276,6 +277,10 @@ component_images() {
         done
         mkdir -p "$dir/run" "$dir/lib/modules"
         import_image "$dir" "$image" '["/usr/local/bin/kube-proxy"]' ;;
+      coredns)
+        # Runs as root like kubeadm's Deployment expects (it adds only NET_BIND_SERVICE).
+        cp "$(tool coredns)/coredns" "$dir/coredns"
+        import_image "$dir" "$image" '["/coredns"]' ;;
       etcd)
         cp "$(tool etcd)/etcd" "$dir/usr/local/bin/"
         mkdir -p "$dir/var/lib/etcd"
@@ -307,6 +312,8 @@ preload_and_commit() {
   done
   docker exec -i "$id" ctr --namespace=k8s.io images import --label=io.cri-containerd.pinned=pinned \
     --all-platforms --no-unpack --digests - < "$tar" >/dev/null
+  # ctr also names the archive's own index (import-<date>); only the images are wanted.
+  docker exec "$id" bash -c 'ctr --namespace=k8s.io images list -q | grep "^import-" | xargs -r ctr --namespace=k8s.io images rm' >/dev/null
   docker exec "$id" ctr --namespace=k8s.io images list -q | grep -v '^sha256:' | sed 's/^/[node-image]   preloaded /' >&2
   docker exec "$id" bash -c 'pkill containerd; for i in $(seq 1 30); do pgrep containerd >/dev/null || break; sleep 0.5; done; rm -f /tmp/containerd.log'
   docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$id" "$NODE_IMAGE" >/dev/null
@@ -324,17 +331,20 @@ started=$(date +%s)
 build_rootfs
 # Every binary first (a cold build compiles for a long time), then the images.
 for t in containerd crictl cni-plugins pause kubelet kubeadm kubectl kube-apiserver \
-         kube-controller-manager kube-scheduler kube-proxy etcd; do
+         kube-controller-manager kube-scheduler kube-proxy etcd coredns; do
   tool "$t" >/dev/null
 done
 rootfs_image
 
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/portassign-node-image.XXXXXX")
 trap 'rm -rf "$ctx"; engine_release' EXIT
-mapfile -t required < <("$(tool kubeadm)/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION" | grep -v /coredns)
+mapfile -t required < <("$(tool kubeadm)/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION")
 pause_image=$(printf '%s\n' "${required[@]}" | grep /pause:)
 [ "$pause_image" = "registry.k8s.io/pause:$PAUSE_VERSION" ] ||
   kdie "kubeadm $KUBERNETES_VERSION expects $pause_image; set PAUSE_VERSION in hack/versions.env to match"
+coredns_image=$(printf '%s\n' "${required[@]}" | grep /coredns:)
+[ "${coredns_image##*:}" = "$COREDNS_VERSION" ] ||
+  kdie "kubeadm $KUBERNETES_VERSION expects $coredns_image; set COREDNS_VERSION in hack/versions.env to match"
 component_images "$ctx" "${required[@]}"
 docker save "${required[@]}" > "$ctx/images.tar"
 
