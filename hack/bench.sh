@@ -6,27 +6,36 @@
 #                 (hack/control-plane.sh, torn down at the end), agent vs write floor
 #   3. report:    Markdown table(s) and the plot, every ratio computed from this run
 #
+# The benchmarks are the workspace member portassign-bench (bench/). The agent the cluster
+# benchmark measures is the product's release build, made here first (cargo bench builds
+# only the bench package's targets); PORTASSIGN_BIN is cleared so that build is the one
+# the test kit finds, target/release/portassign, next to the bench binaries.
 # Raw results and every process's log are kept in target/bench/.
 # Environment: BENCH_SIZES (default 100,300,1000) objects per convergence run;
 # BENCH_RESTART_OBJECTS (default 2500, × 4 keys = 10,000 ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=target/bench
+# Absolute paths: cargo runs each bench binary in its package's folder (bench/).
+root=$PWD
+out=$root/target/bench
 rm -rf "$out"; mkdir -p "$out/logs" docs
 commands=$out/commands.txt
 : > "$commands"
 started=$(date +%s)
 
-# Runs a command and records it, with how long it took, for the report.
+# Runs a command and records it, with how long it took, for the report (paths in the
+# repository shown relative to it).
 run() {
-  local t0; t0=$(date +%s.%N)
-  printf '\n== %s\n' "$*" >&2
+  local t0 shown=${*//$root\//}; t0=$(date +%s.%N)
+  printf '\n== %s\n' "$shown" >&2
   "$@"
-  printf '%6.1f  %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$*" >> "$commands"
+  printf '%6.1f  %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$shown" >> "$commands"
 }
 
-run cargo bench --locked --no-run
-run cargo bench --locked --bench allocator -- --out "$out/allocator.json"
+unset PORTASSIGN_BIN
+run cargo build --release --locked -p portassign --bin portassign
+run cargo bench --locked -p portassign-bench --no-run
+run cargo bench --locked -p portassign-bench --bench allocator -- --out "$out/allocator.json"
 
 cp_dir=$(mktemp -d /tmp/portassign-bench-cp.XXXXXX)
 trap 'hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true' EXIT
@@ -34,7 +43,7 @@ t0=$(date +%s.%N)
 kubeconfig=$(hack/control-plane.sh up "$cp_dir")
 printf '%6.1f  %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "hack/control-plane.sh up $cp_dir" >> "$commands"
 
-run cargo bench --locked --bench cluster -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
+run cargo bench --locked -p portassign-bench --bench cluster -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
   --logs "$out/logs" --sizes "${BENCH_SIZES:-100,300,1000}" \
   --restart-objects "${BENCH_RESTART_OBJECTS:-2500}" --out "$out/cluster.json"
 hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true
@@ -42,6 +51,6 @@ trap - EXIT
 printf '%6.1f  %s\n' 0 "hack/control-plane.sh down $cp_dir" >> "$commands"
 printf '%6d  %s\n' "$(( $(date +%s) - started ))" "(total before the report)" >> "$commands"
 
-cargo bench --locked --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
-  --commands "$commands" --md docs/benchmarks.md --svg docs/convergence.svg
+cargo bench --locked -p portassign-bench --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
+  --commands "$commands" --md "$root/docs/benchmarks.md" --svg "$root/docs/convergence.svg"
 echo "make bench: done in $(( $(date +%s) - started ))s; see docs/benchmarks.md" >&2

@@ -1,7 +1,7 @@
 //! Convergence and restart benchmarks against a real kube-apiserver + etcd.
 //!
-//! `cargo bench --bench cluster -- --kubeconfig FILE --cp-dir DIR --out FILE` (what
-//! `make bench` runs against the control plane it starts) measures:
+//! `cargo bench -p portassign-bench --bench cluster -- --kubeconfig FILE --cp-dir DIR --out FILE`
+//! (what `make bench` runs against the control plane it starts) measures:
 //!
 //! - **convergence**: N objects × 4 keys created for one node, time until the bench's
 //!   own watch has seen every one Ready with a port per key; then one delete-collection,
@@ -13,8 +13,20 @@
 //! - **restart**: a node whose statuses hold 10,000 ports; time from spawning the agent
 //!   to `/readyz` 200, its peak RSS, against a fresh client listing the same objects.
 //!
-//! Run by `cargo test --all-targets` (no `--bench` argument) it does nothing: it needs
-//! the control plane `make bench` starts.
+//! The cluster is prepared by the test kit as the chart prepares one (the CRD, the chart's
+//! ServiceAccounts bound by its rendered RBAC). The agents, and the floor, run as the
+//! chart's agent ServiceAccount; the admin kubeconfig is the driver's only (creates,
+//! deletes, its watch, kube-apiserver's `/metrics`).
+//!
+//! The agent measured is the binary the kit's `portassign_bin()` names (printed at the
+//! start): `PORTASSIGN_BIN`, else `portassign` in this bench's own profile directory,
+//! `target/release/`. `cargo bench` does not build it (it is another package's binary):
+//! `hack/bench.sh` builds it first with `cargo build --release -p portassign --bin
+//! portassign`, the product's release build as the image makes it, and clears
+//! `PORTASSIGN_BIN` so that build is the one measured.
+//!
+//! Run by `cargo test -p portassign-bench --benches` (no `--bench` argument) it does
+//! nothing: it needs the control plane `make bench` starts.
 
 #[path = "support/results.rs"]
 mod results;
@@ -22,8 +34,7 @@ mod results;
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::{
@@ -33,28 +44,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::{
     api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Config, CustomResourceExt, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        wait::{await_condition, conditions},
         watcher::{self, Event},
     },
 };
 use portassign::{
-    agent::reconcile::FIELD_MANAGER,
+    agent::{http, reconcile::FIELD_MANAGER},
     api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol},
 };
+use portassign_testkit::{AgentProcess, Identity, cluster::ensure_namespace, portassign_bin};
 use results::{Cluster, Convergence, Cpu, Percentiles, Restart, RestartRun, System};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -130,12 +139,6 @@ impl Options {
     }
 }
 
-async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
-}
-
 // ----------------------------------------------------------------------------------
 // The floor: only the writes that cannot be avoided.
 // ----------------------------------------------------------------------------------
@@ -151,10 +154,11 @@ enum Started {
 /// field selector as the agent) and, with at most `CONCURRENCY` objects in flight,
 /// adds the finalizer and applies a Ready status with a port per key in one go; for an
 /// object being deleted it removes the finalizer. Prints `ready` once the watch has
-/// listed. No probing, no table, no events, no re-reads.
+/// listed. No probing, no table, no events, no re-reads. Its credentials come from
+/// `KUBECONFIG`, as the agent's do (see `start_floor`).
 async fn floor(options: Options) -> anyhow::Result<()> {
     let node = options.node.clone().ok_or_else(|| anyhow!("floor: --node is required"))?;
-    let client = client(options.kubeconfig()?).await?;
+    let client = Client::try_default().await.context("floor: no client from KUBECONFIG")?;
     let api: Api<PortAssignment> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let permits = Arc::new(Semaphore::new(usize::from(CONCURRENCY)));
@@ -182,7 +186,7 @@ async fn floor(options: Options) -> anyhow::Result<()> {
             }
             Started::Release
         } else {
-            if has_finalizer && is_ready(&object) {
+            if has_finalizer && object.is_ready() {
                 continue;
             }
             Started::Assign
@@ -287,22 +291,16 @@ fn ready_status(object: &PortAssignment, ports: BTreeMap<String, u16>) -> PortAs
     }
 }
 
-/// Ready=True with a port for every key.
-fn is_ready(object: &PortAssignment) -> bool {
-    object.status.as_ref().is_some_and(|s| {
-        s.ports.len() == object.spec.keys.len()
-            && s.conditions.iter().any(|c| c.type_ == CONDITION_READY && c.status == "True")
-    })
-}
-
 // ----------------------------------------------------------------------------------
 // The driver.
 // ----------------------------------------------------------------------------------
 
 /// What every measurement needs.
 struct Bench {
+    /// Cluster admin: the driver's creates, deletes, watch and kube-apiserver's `/metrics`.
     client: Client,
-    kubeconfig: PathBuf,
+    /// The chart's agent ServiceAccount: what the agents and the floor run as.
+    agent: Identity,
     logs: PathBuf,
     apiserver_pid: Option<u32>,
     etcd_pid: Option<u32>,
@@ -310,22 +308,24 @@ struct Bench {
 }
 
 async fn measure(options: Options) -> anyhow::Result<()> {
-    let kubeconfig = options.kubeconfig()?.to_path_buf();
+    let kubeconfig = options.kubeconfig()?;
     let pid = |name: &str| -> Option<u32> {
         let dir = options.cp_dir.as_ref()?;
         std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
     };
     let logs = options.logs.clone().unwrap_or_else(|| std::env::temp_dir().join("portassign-bench-logs"));
     std::fs::create_dir_all(&logs)?;
+    // The CRD, the chart's RBAC and ServiceAccounts, a kubeconfig for each.
+    let cluster = portassign_testkit::Cluster::prepare(kubeconfig, None).await.context("preparing the cluster")?;
+    eprintln!("agent binary: {}; agents and floor run as {}", portassign_bin().display(), cluster.agent.user);
     let mut bench = Bench {
-        client: client(&kubeconfig).await?,
-        kubeconfig,
+        client: cluster.admin.client(),
+        agent: cluster.agent.clone(),
         logs,
         apiserver_pid: pid("kube-apiserver"),
         etcd_pid: pid("etcd"),
         run: std::process::id() % 10000,
     };
-    install_crd(&bench.client).await?;
 
     // Warm-up: the API server's watch caches, handlers and connections for this CRD.
     for system in [System::Floor, System::Agent] {
@@ -371,33 +371,6 @@ async fn measure(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the CRD from the Rust types and waits until PortAssignments are served.
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = PortAssignment::crd();
-    let name = crd.name_any();
-    crds.patch(&name, &PatchParams::apply("portassign-bench").force(), &Patch::Apply(&crd)).await?;
-    tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
-        .await
-        .context("CRD not established within 30s")??;
-    let api: Api<PortAssignment> = Api::all(client.clone());
-    for _ in 0..100 {
-        if api.list(&ListParams::default().limit(1)).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("PortAssignments not served 10s after the CRD became established")
-}
-
-async fn create_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut namespace = Namespace::default();
-    namespace.metadata.name = Some(name.to_owned());
-    namespaces.create(&PostParams::default(), &namespace).await?;
-    Ok(())
-}
-
 fn object(name: &str, node: &str) -> PortAssignment {
     let keys = (0..KEYS).map(|k| format!("{name}/sandbox-{k}")).collect();
     PortAssignment::new(name, PortAssignmentSpec { node_name: node.to_owned(), protocol: Protocol::Tcp, keys })
@@ -427,7 +400,7 @@ fn observe(api: Api<PortAssignment>, seen: Arc<Mutex<Seen>>) -> (watch::Receiver
             let now = Instant::now();
             let mut seen = seen.lock().expect("lock");
             match event {
-                Ok(Event::Apply(o) | Event::InitApply(o)) if is_ready(&o) => {
+                Ok(Event::Apply(o) | Event::InitApply(o)) if o.is_ready() => {
                     seen.ready.entry(o.name_any()).or_insert(now);
                 }
                 Ok(Event::Delete(o)) => {
@@ -488,14 +461,10 @@ async fn convergence(bench: &mut Bench, system: System, n: usize) -> anyhow::Res
     bench.run += 1;
     let ns = format!("bench-{}-{n}-{}", system.name(), bench.run);
     let node = format!("bench-node-{}-{n}-{}", system.name(), bench.run);
-    create_namespace(&bench.client, &ns).await?;
+    ensure_namespace(&bench.client, &ns).await?;
     let process = match system {
-        System::Agent => {
-            let (process, addr) = start_agent(bench, &node)?;
-            wait_ready(addr).await?;
-            process
-        }
-        System::Floor => start_floor(bench, &node)?,
+        System::Agent => Side::Agent(agent(bench, &node).start().await),
+        System::Floor => Side::Floor(start_floor(bench, &node)?),
     };
     // Both sides have listed the node's (no) objects; give their watches a moment to be
     // established so start-up requests stay out of the measured phases.
@@ -506,7 +475,7 @@ async fn convergence(bench: &mut Bench, system: System, n: usize) -> anyhow::Res
     // The observer has listed the (empty) namespace once it reports a first count.
     tokio::time::timeout(Duration::from_secs(30), counts.changed()).await.context("bench watch did not start")??;
 
-    let before = snapshot(bench, Some(process.pid())).await?;
+    let before = snapshot(bench, process.pid()).await?;
     let limit = Duration::from_secs(60) + Duration::from_millis(150) * n as u32;
     let t0 = Instant::now();
     let created: Vec<anyhow::Result<()>> = stream::iter(0..n)
@@ -529,16 +498,16 @@ async fn convergence(bench: &mut Bench, system: System, n: usize) -> anyhow::Res
     let creates_answered_s = t0.elapsed().as_secs_f64();
     let all_ready =
         tokio::time::timeout(limit, counts.wait_for(|c| c.ready >= n)).await.map(|r| r.is_ok()).unwrap_or(false);
-    let mid = snapshot(bench, Some(process.pid())).await?;
+    let mid = snapshot(bench, process.pid()).await?;
 
     let t1 = Instant::now();
     api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
     let all_gone =
         tokio::time::timeout(limit, counts.wait_for(|c| c.gone >= n)).await.map(|r| r.is_ok()).unwrap_or(false);
-    let after = snapshot(bench, Some(process.pid())).await?;
-    let reconciles = match system {
-        System::Agent => agent_metric(&process, "portassign_reconciles_total"),
-        System::Floor => None,
+    let after = snapshot(bench, process.pid()).await?;
+    let reconciles = match &process {
+        Side::Agent(agent) => agent_metric(agent, "portassign_reconciles_total").await,
+        Side::Floor(_) => None,
     };
     process.stop();
     observer.abort();
@@ -581,23 +550,23 @@ async fn restart(bench: &mut Bench, objects: usize, runs: usize) -> anyhow::Resu
     bench.run += 1;
     let ns = format!("bench-restart-{}", bench.run);
     let node = format!("bench-node-restart-{}", bench.run);
-    create_namespace(&bench.client, &ns).await?;
+    ensure_namespace(&bench.client, &ns).await?;
     populate(&bench.client, &ns, &node, objects).await?;
 
     let mut out = Restart { objects, ports: objects * KEYS, ..Restart::default() };
     // The fixed cost: the same binary on a node with nothing on it.
+    let empty = agent(bench, &format!("{node}-empty"));
     let spawned = Instant::now();
-    let (empty, addr) = start_agent(bench, &format!("{node}-empty"))?;
-    wait_ready(addr).await?;
+    let mut empty = empty.start().await;
     out.empty_ready_s = spawned.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     out.empty_hwm_kib = proc_status_kib(empty.pid(), "VmHWM:");
-    empty.stop();
+    empty.terminate();
     for _ in 0..runs {
         // Floor: what the rebuild must at least do, a fresh client listing the node's
-        // objects page by page.
+        // objects page by page, with the agent's credentials.
         let started = Instant::now();
-        let fresh = client(&bench.kubeconfig).await?;
+        let fresh = bench.agent.client();
         let api: Api<PortAssignment> = Api::all(fresh);
         let mut params = ListParams::default().fields(&format!("spec.nodeName={node}")).limit(500);
         let mut listed = 0;
@@ -665,16 +634,17 @@ async fn populate(client: &Client, ns: &str, node: &str, objects: usize) -> anyh
 }
 
 async fn restart_once(bench: &Bench, node: &str, objects: usize) -> anyhow::Result<RestartRun> {
+    let process = agent(bench, node);
+    // Spawned → first `/readyz` 200, polled every 2 ms.
     let spawned = Instant::now();
-    let (process, addr) = start_agent(bench, node)?;
-    wait_ready(addr).await?;
+    let mut process = process.start().await;
     let ready_s = spawned.elapsed().as_secs_f64();
     let at_ready = Instant::now();
     let hwm_at_ready_kib = proc_status_kib(process.pid(), "VmHWM:");
-    let ports_at_ready = agent_metric(&process, "portassign_ports_assigned").unwrap_or(0);
+    let ports_at_ready = agent_metric(&process, "portassign_ports_assigned").await.unwrap_or(0);
     let before = request_counts(&bench.client).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while agent_metric(&process, "portassign_reconciles_total").unwrap_or(0) < objects as u64 {
+    while agent_metric(&process, "portassign_reconciles_total").await.unwrap_or(0) < objects as u64 {
         anyhow::ensure!(Instant::now() < deadline, "agent did not reconcile {objects} objects within 60s of ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -696,112 +666,69 @@ async fn restart_once(bench: &Bench, node: &str, objects: usize) -> anyhow::Resu
         settle_s,
         writes_after_ready,
     };
-    process.stop();
+    process.terminate();
     Ok(run)
-}
-
-/// Polls the agent's `/readyz` every 2 ms until it answers 200.
-async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
-    tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(addr, "/readyz").ok().map(|(code, _)| code) != Some(200) {
-            anyhow::ensure!(Instant::now() < deadline, "agent not ready after 60s");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
-    })
-    .await?
 }
 
 // ----------------------------------------------------------------------------------
 // Processes under test.
 // ----------------------------------------------------------------------------------
 
-/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Process {
-    child: Option<Child>,
-    http: Option<SocketAddr>,
+/// What converges a run's objects.
+enum Side {
+    Agent(AgentProcess),
+    Floor(Floor),
 }
 
-impl Process {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or_default()
-    }
-
-    fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+impl Side {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Side::Agent(agent) => agent.pid(),
+            Side::Floor(floor) => Some(floor.0.id()),
         }
-        let _ = child.kill();
-        let _ = child.wait();
+    }
+
+    fn stop(self) {
+        if let Side::Agent(mut agent) = self {
+            agent.terminate();
+        }
     }
 }
 
-impl Drop for Process {
+/// `portassign agent` for `node` (defaults otherwise: range, concurrency) as the chart's
+/// agent ServiceAccount, listening where the kit's `--listen` says; its log goes to the
+/// logs dir. Not started yet.
+fn agent(bench: &Bench, node: &str) -> AgentProcess {
+    AgentProcess::new(&bench.agent.kubeconfig, node)
+        .arg("--log-format")
+        .arg("json")
+        .log_to(bench.logs.join(format!("{node}.log")))
+}
+
+/// The floor's process; it has nothing to clean up, so it is killed when dropped.
+struct Floor(Child);
+
+impl Drop for Floor {
     fn drop(&mut self) {
-        self.terminate();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-/// Spawns `portassign agent` for `node` (defaults otherwise: range, concurrency) and
-/// waits for the log line that names its HTTP address. Its log goes to the logs dir.
-fn start_agent(bench: &Bench, node: &str) -> anyhow::Result<(Process, SocketAddr)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_portassign"))
-        .args(["agent", "--node-name", node, "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("KUBECONFIG", &bench.kubeconfig)
-        .env_remove("RUST_LOG")
-        .env_remove("PORTASSIGN_PORT_RANGE")
-        .env_remove("PORTASSIGN_CONCURRENCY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning portassign agent")?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr pipe"))?;
-    let mut process = Process { child: Some(child), http: None };
-    let mut log = File::create(bench.logs.join(format!("{node}.log")))?;
-    let (found, address) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = writeln!(log, "{line}");
-            if line.contains("agent starting")
-                && let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                && let Some(addr) = value.get("http").and_then(|v| v.as_str()).and_then(|a| a.parse().ok())
-            {
-                let _ = found.send(addr);
-            }
-        }
-    });
-    let addr: SocketAddr =
-        address.recv_timeout(Duration::from_secs(30)).context("the agent did not log its HTTP address within 30s")?;
-    process.http = Some(addr);
-    Ok((process, addr))
-}
-
-/// Spawns this binary as the floor for `node` and waits until its watch has listed.
-fn start_floor(bench: &Bench, node: &str) -> anyhow::Result<Process> {
+/// Spawns this binary as the floor for `node` and waits until its watch has listed. It
+/// runs as the chart's agent ServiceAccount, like the agent it is the baseline for, so
+/// both sides make their writes under the same identity and RBAC.
+fn start_floor(bench: &Bench, node: &str) -> anyhow::Result<Floor> {
     let mut child = Command::new(std::env::current_exe()?)
-        .arg("floor")
-        .arg("--kubeconfig")
-        .arg(&bench.kubeconfig)
-        .args(["--node", node])
+        .args(["floor", "--node", node])
+        .env("KUBECONFIG", &bench.agent.kubeconfig)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(File::create(bench.logs.join(format!("{node}.log")))?)
         .spawn()
         .context("spawning the floor")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout pipe"))?;
-    let process = Process { child: Some(child), http: None };
+    let process = Floor(child);
     let (ready, wait) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -816,24 +743,12 @@ fn start_floor(bench: &Bench, node: &str) -> anyhow::Result<Process> {
 }
 
 /// A gauge or counter from the agent's `/metrics`.
-fn agent_metric(process: &Process, name: &str) -> Option<u64> {
-    let (_, body) = http_get(process.http?, "/metrics").ok()?;
+async fn agent_metric(agent: &AgentProcess, name: &str) -> Option<u64> {
+    let (_, body) = http::get(&format!("{}/metrics", agent.url)).await.ok()?;
     body.lines().find_map(|line| {
         let value = line.strip_prefix(name)?.strip_prefix(' ')?;
         value.trim().parse::<f64>().ok().map(|v| v as u64)
     })
-}
-
-/// A blocking HTTP/1.1 GET: status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((code, body.to_owned()))
 }
 
 // ----------------------------------------------------------------------------------
@@ -843,7 +758,7 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 /// `apiserver_request_total` for PortAssignments and Events, summed by
 /// "VERB resource[/subresource]" plus the code when it is not 2xx.
 async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
-    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let request = ::http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(request).await.context("reading kube-apiserver /metrics")?;
     let mut counts = BTreeMap::new();
     for line in text.lines() {
@@ -891,10 +806,9 @@ fn machine_busy_seconds() -> f64 {
     busy / 100.0
 }
 
-/// A `kB` line of `/proc/<pid>/status`, such as `VmHWM:`.
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
+/// A `kB` line of `/proc/<pid>/status`, such as `VmHWM:` (0 when it cannot be read).
+fn proc_status_kib(pid: Option<u32>, field: &str) -> u64 {
+    pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .and_then(|s| {
             s.lines().find_map(|l| l.strip_prefix(field).and_then(|v| v.split_whitespace().next()?.parse().ok()))
         })

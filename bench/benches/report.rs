@@ -2,7 +2,7 @@
 //! `docs/convergence.svg`. Every ratio and every target verdict is computed here from
 //! the measured numbers.
 //!
-//! `cargo bench --bench report -- --allocator FILE --cluster FILE --commands FILE
+//! `cargo bench -p portassign-bench --bench report -- --allocator FILE --cluster FILE --commands FILE
 //! --md docs/benchmarks.md --svg docs/convergence.svg`. Under `cargo test` (no
 //! `--bench`) it does nothing.
 
@@ -334,7 +334,8 @@ fn convergence_section(md: &mut String, c: &Cluster, svg: &str) {
          separate process (`cluster floor`) with the same field-selector watch and concurrency that makes only the \
          writes no implementation can avoid: a JSON patch adding the finalizer and a server-side apply of the \
          Ready status, back to back; on delete a JSON patch removing the finalizer. No probe, no events, no \
-         re-reads. Each run has its own namespace and node name; the two sides alternate which goes first. \
+         re-reads. Both sides run as the chart's agent ServiceAccount, under the chart's RBAC. Each run has its \
+         own namespace and node name; the two sides alternate which goes first. \
          Latency per object: create request sent → the bench's watch event showing it Ready (arrival times at the \
          bench, not the seconds-granular `lastTransitionTime`).\n",
         k = c.keys_per_object,
@@ -476,8 +477,8 @@ fn restart_section(md: &mut String, c: &Cluster) {
         md,
         "A node with {} objects whose statuses hold {} ports (written beforehand exactly as the agent writes \
          them, finalizer included). **Ready**: `portassign agent` process spawned → first `/readyz` 200 (it lists \
-         the node's objects in pages of 500 and rebuilds the table first). **Floor**: a fresh client in the bench \
-         listing the same objects page by page. VmHWM is the peak RSS from `/proc/<pid>/status`, read right after \
+         the node's objects in pages of 500 and rebuilds the table first). **Floor**: a fresh client in the bench, \
+         with the agent's credentials, listing the same objects page by page. VmHWM is the peak RSS from `/proc/<pid>/status`, read right after \
          ready and again once the agent has reconciled every object after the start (\"settled\"); writes after \
          ready should be 0 since nothing changed.\n",
         thousands(r.objects),
@@ -546,7 +547,7 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!(
         "| | |\n|---|---|\n| CPUs (nproc) | {cores} |\n| CPU model | {model} |\n| memory | {mem_gib:.1} GiB |\n\
-         | kernel | Linux {} |\n| ephemeral ports | {} |\n| compiler | {rustc} |\n| build | `cargo bench` profile (release) |\n",
+         | kernel | Linux {} |\n| ephemeral ports | {} |\n| compiler | {rustc} |\n| build | release: the agent from `cargo build --release`, the benches from `cargo bench` |\n",
         kernel.trim(),
         ephemeral.split_whitespace().collect::<Vec<_>>().join("-")
     )

@@ -2,9 +2,10 @@
 //! the real table, against a baseline that does what DESIGN §6 says the seed does, and
 //! against the probe's syscalls alone.
 //!
-//! `cargo bench --bench allocator -- --out FILE` measures and writes JSON for `report`.
-//! Run by `cargo test --all-targets` (no `--bench` argument) it does one small run of
-//! each and fails if the project lost a key, so the code stays compiled and exercised.
+//! `cargo bench -p portassign-bench --bench allocator -- --out FILE` measures and writes
+//! JSON for `report`. Run by `cargo test -p portassign-bench --benches` (no `--bench`
+//! argument) it does one small run of each and fails if the project lost a key, so the
+//! code stays compiled and exercised.
 //!
 //! A plain timing loop rather than a statistics harness: "assign n ports to an empty
 //! table" is a one-shot workload whose cost grows as it runs, so every run starts from
