@@ -19,12 +19,16 @@ pub fn chart_dir() -> PathBuf {
 /// `helm template` of the chart with `values` (`key=value`, as `--set` takes them) into
 /// `namespace`: every rendered object, as JSON.
 pub fn render(namespace: &str, values: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let args: Vec<String> = values.iter().map(|v| format!("--set={v}")).collect();
+    render_with(namespace, &args)
+}
+
+/// `helm template` of the chart into `namespace` with more of helm's arguments (such as
+/// `--values=FILE`): every rendered object, as JSON.
+pub fn render_with(namespace: &str, args: &[String]) -> anyhow::Result<Vec<Value>> {
     let helm = crate::tool("helm")?;
     let mut command = Command::new(&helm);
-    command.args(["template", RELEASE]).arg(chart_dir()).args(["--namespace", namespace]);
-    for value in values {
-        command.args(["--set", value]);
-    }
+    command.args(["template", RELEASE]).arg(chart_dir()).args(["--namespace", namespace]).args(args);
     let output = command.output().with_context(|| format!("running {}", helm.display()))?;
     if !output.status.success() {
         bail!("helm template failed: {}", String::from_utf8_lossy(&output.stderr));

@@ -186,7 +186,8 @@ pub fn restart_control_plane(dir: &Path, signal: &str) {
     assert!(output.status.success(), "control plane restart failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-async fn identity_from(kubeconfig: &Path, user: String) -> anyhow::Result<Identity> {
+/// The identity whose credentials `kubeconfig` holds, named `user`.
+pub async fn identity_from(kubeconfig: &Path, user: String) -> anyhow::Result<Identity> {
     let file = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
     let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
         .await
@@ -261,9 +262,10 @@ async fn apply_rbac(client: &Client, namespace: &str, rendered: &[serde_json::Va
     Ok(())
 }
 
-/// Mints a token for the ServiceAccount (TokenRequest, as the kubelet does for a pod),
-/// writes a kubeconfig with it, and checks the API server sees that identity.
-async fn service_account_identity(
+/// Mints a token for the ServiceAccount `namespace/name` (TokenRequest, as the kubelet
+/// does for a pod), writes a kubeconfig with it into `dir`, and checks the API server
+/// sees that identity. `client` and `admin_kubeconfig` are the admin's.
+pub async fn service_account_identity(
     client: &Client,
     admin_kubeconfig: &Path,
     dir: &Path,

@@ -21,7 +21,7 @@ pub mod world;
 use std::path::{Path, PathBuf};
 
 pub use cluster::{Cluster, Identity};
-pub use process::{AgentProcess, free_port, portassign_bin};
+pub use process::{AgentProcess, Process, free_port, portassign_bin};
 pub use wait::{eventually, ports_of, ready_reason};
 pub use world::{World, keys, port_block, unique};
 

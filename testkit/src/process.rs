@@ -43,12 +43,10 @@ const SETTINGS_ENV: [&str; 7] = [
     "RUST_LOG",
 ];
 
-/// A `portassign agent` process for one node.
-pub struct AgentProcess {
-    /// Node it serves.
-    pub node: String,
-    /// `http://HOST:PORT` of its HTTP server.
-    pub url: String,
+/// A `portassign` process (any subcommand) with credentials the test chooses, stopped
+/// (SIGKILL) when dropped.
+pub struct Process {
+    name: String,
     args: Vec<String>,
     prefix: Vec<String>,
     kubeconfig: PathBuf,
@@ -56,61 +54,23 @@ pub struct AgentProcess {
     child: Option<Child>,
 }
 
-impl AgentProcess {
-    /// An agent for `node` that authenticates with `kubeconfig` (a kit identity's, so the
-    /// chart's RBAC applies), listening on a free loopback port; not started yet.
-    pub fn new(kubeconfig: &Path, node: &str) -> Self {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        AgentProcess {
-            node: node.to_owned(),
-            url: format!("http://{addr}"),
-            args: vec!["agent".into(), "--node-name".into(), node.into(), "--listen".into(), addr.to_string()],
+impl Process {
+    /// `portassign ARGS...` authenticating with `kubeconfig`, logging to a file named
+    /// after `name`; not started yet.
+    pub fn new(kubeconfig: &Path, name: &str, args: &[&str]) -> Self {
+        Process {
+            name: name.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             prefix: Vec::new(),
             kubeconfig: kubeconfig.to_owned(),
-            log: std::env::temp_dir().join(format!("portassign-agent-{node}-{}.log", std::process::id())),
+            log: std::env::temp_dir().join(format!("portassign-{name}-{}.log", std::process::id())),
             child: None,
         }
-        .arg("--pod-name")
-        .arg(&format!("test-{node}"))
     }
 
-    /// Assigns ports from `range`.
-    pub fn range(self, range: PortRange) -> Self {
-        self.arg("--port-range").arg(&range.to_string())
-    }
-
-    /// Runs the agent through `prefix` (for example `ip netns exec NS`), listening on
-    /// `listen` and reached by the test at `reach`.
-    pub fn wrapped(mut self, prefix: &[&str], listen: SocketAddr, reach: SocketAddr) -> Self {
-        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
-        let at = self.args.iter().position(|a| a == "--listen").expect("--listen is always set") + 1;
-        self.args[at] = listen.to_string();
-        self.url = format!("http://{reach}");
-        self
-    }
-
-    /// One more command-line argument.
-    pub fn arg(mut self, arg: &str) -> Self {
-        self.args.push(arg.to_owned());
-        self
-    }
-
-    /// Writes the agent's output to `path` (default: a file in the temp directory).
-    pub fn log_to(mut self, path: PathBuf) -> Self {
-        self.log = path;
-        self
-    }
-
-    /// Starts the agent and waits until `/readyz` answers 200.
-    pub async fn start(mut self) -> Self {
-        self.spawn();
-        self.wait_ready(Duration::from_secs(60)).await;
-        self
-    }
-
-    /// (Re)starts the process without waiting for readiness.
+    /// (Re)starts the process.
     pub fn spawn(&mut self) {
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("process log");
         let bin = portassign_bin().to_string_lossy().into_owned();
         let mut command = match self.prefix.split_first() {
             Some((program, rest)) => {
@@ -131,29 +91,18 @@ impl AgentProcess {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+            .unwrap_or_else(|e| panic!("spawning {bin} for {}: {e}", self.name));
         self.child = Some(child);
-    }
-
-    /// Waits until `/readyz` answers 200 (polled every 2 ms, so restart times can be
-    /// measured with it); panics after `timeout` with the log's path.
-    pub async fn wait_ready(&self, timeout: Duration) {
-        let url = format!("{}/readyz", self.url);
-        let deadline = Instant::now() + timeout;
-        while !matches!(http::get(&url).await, Ok((200, _))) {
-            assert!(
-                Instant::now() < deadline,
-                "agent {} not ready after {timeout:?}; log: {}",
-                self.node,
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
     }
 
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no cleanup, no graceful shutdown.
@@ -180,19 +129,108 @@ impl AgentProcess {
         false
     }
 
-    /// The agent's log so far.
+    /// The process's output so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The path of the agent's log.
+    /// The path of the process's output.
     pub fn log_path(&self) -> &Path {
         &self.log
     }
 }
 
-impl Drop for AgentProcess {
+impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A `portassign agent` process for one node, reached at the address it was told to
+/// listen on.
+pub struct AgentProcess {
+    /// Node it serves.
+    pub node: String,
+    /// `http://HOST:PORT` of its HTTP server.
+    pub url: String,
+    process: Process,
+}
+
+impl std::ops::Deref for AgentProcess {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+impl AgentProcess {
+    /// An agent for `node` that authenticates with `kubeconfig` (a kit identity's, so the
+    /// chart's RBAC applies), listening on a free loopback port; not started yet.
+    pub fn new(kubeconfig: &Path, node: &str) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let pod = format!("test-{node}");
+        let args = ["agent", "--node-name", node, "--listen", &addr.to_string(), "--pod-name", &pod];
+        AgentProcess {
+            node: node.to_owned(),
+            url: format!("http://{addr}"),
+            process: Process::new(kubeconfig, &format!("agent-{node}"), &args),
+        }
+    }
+
+    /// Assigns ports from `range`.
+    pub fn range(self, range: PortRange) -> Self {
+        self.arg("--port-range").arg(&range.to_string())
+    }
+
+    /// Runs the agent through `prefix` (for example `ip netns exec NS`), listening on
+    /// `listen` and reached by the test at `reach`.
+    pub fn wrapped(mut self, prefix: &[&str], listen: SocketAddr, reach: SocketAddr) -> Self {
+        let args = &mut self.process.args;
+        let at = args.iter().position(|a| a == "--listen").expect("--listen is always set") + 1;
+        args[at] = listen.to_string();
+        self.process.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        self.url = format!("http://{reach}");
+        self
+    }
+
+    /// One more command-line argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.process.args.push(arg.to_owned());
+        self
+    }
+
+    /// Writes the agent's output to `path` (default: a file in the temp directory).
+    pub fn log_to(mut self, path: PathBuf) -> Self {
+        self.process.log = path;
+        self
+    }
+
+    /// Starts the agent and waits until `/readyz` answers 200.
+    pub async fn start(mut self) -> Self {
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60)).await;
+        self
+    }
+
+    /// Waits until `/readyz` answers 200 (polled every 2 ms, so restart times can be
+    /// measured with it); panics after `timeout` with the log's path.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let url = format!("{}/readyz", self.url);
+        let deadline = Instant::now() + timeout;
+        while !matches!(http::get(&url).await, Ok((200, _))) {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} not ready after {timeout:?}; log: {}",
+                self.node,
+                self.log_path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 }

@@ -1,0 +1,187 @@
+//! The chart against a real API server: every rendering (default and `ci/` values) passes
+//! the server's validation (dry-run), and `helm install`, `upgrade` and `uninstall` do
+//! what the chart's README says. Template-level assertions live in
+//! `charts/portassign/tests` (helm-unittest).
+
+use std::process::Command;
+
+use anyhow::Context as _;
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DynamicObject, Patch, PatchParams},
+    discovery::{Discovery, Scope},
+};
+use portassign_testkit::{Cluster, chart, cluster::ensure_namespace, tool};
+use serde_json::{Value, json};
+
+/// `helm ARGS...` against the cluster of `kubeconfig`.
+fn helm(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let output =
+        Command::new(tool("helm").expect("helm")).args(args).env("KUBECONFIG", kubeconfig).output().expect("run helm");
+    assert!(output.status.success(), "helm {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The Prometheus Operator's ServiceMonitor kind, as a stub that accepts any fields, so
+/// the dry-run can check the envelope of the chart's ServiceMonitor.
+async fn stub_service_monitor_crd(client: &Client) {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "servicemonitors.monitoring.coreos.com" },
+        "spec": {
+            "group": "monitoring.coreos.com", "scope": "Namespaced",
+            "names": { "kind": "ServiceMonitor", "listKind": "ServiceMonitorList", "plural": "servicemonitors", "singular": "servicemonitor" },
+            "versions": [{ "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } } }]
+        }
+    }))
+    .expect("stub CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(&crd.name_any(), &PatchParams::apply("portassign-e2e").force(), &Patch::Apply(&crd))
+        .await
+        .expect("stub CRD");
+    portassign_testkit::eventually(
+        "the stub ServiceMonitor kind is served",
+        std::time::Duration::from_secs(30),
+        || async { Discovery::new(client.clone()).run().await.ok()?.has_group("monitoring.coreos.com").then_some(()) },
+    )
+    .await;
+}
+
+/// Applies every rendered object with `dryRun=All` (server-side apply, so objects that
+/// exist already are checked as an upgrade would change them): the API server validates
+/// each against its schema (and the CRD's) and admission, and stores nothing.
+async fn dry_run(client: &Client, discovery: &Discovery, namespace: &str, objects: &[Value]) -> anyhow::Result<usize> {
+    let params = PatchParams::apply("portassign-e2e-dry-run").dry_run().force();
+    for object in objects {
+        let object: DynamicObject = serde_json::from_value(object.clone())?;
+        let types = object.types.clone().context("a rendered object without apiVersion/kind")?;
+        let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, &types.kind);
+        let (resource, capabilities) =
+            discovery.resolve_gvk(&gvk).with_context(|| format!("the server does not serve {gvk:?}"))?;
+        let api: Api<DynamicObject> = match capabilities.scope {
+            Scope::Namespaced => {
+                Api::namespaced_with(client.clone(), object.namespace().as_deref().unwrap_or(namespace), &resource)
+            }
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&object.name_any(), &params, &Patch::Apply(&object))
+            .await
+            .with_context(|| format!("{} {} rejected", types.kind, object.name_any()))?;
+    }
+    Ok(objects.len())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rendering_passes_the_api_servers_validation() {
+    let cluster = Cluster::shared().await;
+    let client = cluster.admin.client();
+    let namespace = "portassign-dry-run";
+    ensure_namespace(&client, namespace).await.expect("namespace");
+    stub_service_monitor_crd(&client).await;
+    let discovery = Discovery::new(client.clone()).run().await.expect("discovery");
+    let ci = chart::chart_dir().join("ci");
+    let mut sets: Vec<Option<std::path::PathBuf>> = vec![None];
+    for entry in std::fs::read_dir(&ci).expect("charts/portassign/ci") {
+        sets.push(Some(entry.expect("entry").path()));
+    }
+    assert!(sets.len() >= 3, "at least two values files in {}", ci.display());
+    for values in sets {
+        let file = values.as_ref().map(|p| p.display().to_string());
+        let mut args = vec![];
+        if let Some(file) = &file {
+            args.push(format!("--values={file}"));
+        }
+        let rendered = chart::render_with(namespace, &args).expect("helm template");
+        let checked = dry_run(&client, &discovery, namespace, &rendered)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}", file.as_deref().unwrap_or("default values")));
+        println!("{checked} objects accepted by the API server: {}", file.as_deref().unwrap_or("default values"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_upgrade_and_uninstall_do_what_the_readme_says() {
+    let cluster = Cluster::shared().await;
+    let client = cluster.admin.client();
+    let kubeconfig = cluster.kubeconfig();
+    let (release, namespace) = ("portassign-chart", "portassign-chart");
+    let chart_dir = chart::chart_dir().display().to_string();
+    let install = ["upgrade", "--install", release, &chart_dir, "-n", namespace, "--create-namespace"];
+    helm(
+        kubeconfig,
+        &[
+            &install[..],
+            &["--set", "metricsPort=9555", "--set", "portRange.first=24000", "--set", "portRange.last=24999"],
+        ]
+        .concat(),
+    );
+
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let args = |ds: &DaemonSet| -> Vec<String> {
+        ds.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers[0].args.clone())
+            .unwrap_or_default()
+    };
+    let ds = daemonsets.get(release).await.expect("the DaemonSet is installed");
+    assert!(args(&ds).contains(&"--port-range=24000-24999".to_owned()), "args: {:?}", args(&ds));
+    assert!(args(&ds).contains(&"--listen=0.0.0.0:9555".to_owned()), "args: {:?}", args(&ds));
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace).get(release).await.expect("its ServiceAccount");
+    Api::<ClusterRole>::all(client.clone()).get(release).await.expect("its ClusterRole");
+    Api::<ClusterRoleBinding>::all(client.clone()).get(release).await.expect("its ClusterRoleBinding");
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get(&format!("{release}-janitor"))
+        .await
+        .expect("the janitor");
+
+    helm(
+        kubeconfig,
+        &[
+            &install[..],
+            &[
+                "--reuse-values",
+                "--set",
+                "concurrency=4",
+                "--set",
+                "portRange.first=22000",
+                "--set",
+                "portRange.last=22999",
+            ],
+        ]
+        .concat(),
+    );
+    let status = helm(kubeconfig, &["status", release, "-n", namespace, "-o", "json"]);
+    let status: Value = serde_json::from_str(&status).expect("helm status json");
+    assert_eq!(status["version"], 2, "one upgrade, revision 2");
+    let ds = daemonsets.get(release).await.expect("DaemonSet");
+    assert!(
+        args(&ds).contains(&"--port-range=22000-22999".to_owned()),
+        "the upgrade changed the range: {:?}",
+        args(&ds)
+    );
+    assert!(args(&ds).contains(&"--concurrency=4".to_owned()), "and the concurrency: {:?}", args(&ds));
+
+    helm(kubeconfig, &["uninstall", release, "-n", namespace, "--wait"]);
+    assert!(daemonsets.get_opt(release).await.expect("get").is_none(), "the DaemonSet is gone");
+    assert!(
+        Api::<ClusterRole>::all(client.clone()).get_opt(release).await.expect("get").is_none(),
+        "the ClusterRole is gone"
+    );
+    assert!(
+        Api::<ClusterRoleBinding>::all(client.clone()).get_opt(release).await.expect("get").is_none(),
+        "the ClusterRoleBinding is gone"
+    );
+    let crd = Api::<CustomResourceDefinition>::all(client).get_opt("portassignments.portassign.io").await.expect("get");
+    assert!(crd.is_some(), "helm uninstall keeps the CRD (and the objects in it)");
+}
