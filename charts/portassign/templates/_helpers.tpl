@@ -36,18 +36,26 @@ Labels on every resource.
 helm.sh/chart: {{ include "portassign.chart" . }}
 {{ include "portassign.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/component: agent
 app.kubernetes.io/part-of: portassign
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-Labels that select the agent pods; they must never change within a release
-(a DaemonSet's selector is immutable).
+Name and instance: on the agent's and the janitor's pods alike, so never a selector on
+their own (a selector of just these picks janitor pods for the DaemonSet).
 */}}
-{{- define "portassign.selectorLabels" -}}
+{{- define "portassign.instanceLabels" -}}
 app.kubernetes.io/name: {{ include "portassign.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels that select the agent pods, and only them (the janitor's pods carry component
+janitor); they must never change within a release (a DaemonSet's selector is immutable).
+*/}}
+{{- define "portassign.selectorLabels" -}}
+{{ include "portassign.instanceLabels" . }}
+app.kubernetes.io/component: agent
 {{- end }}
 
 {{/*
@@ -117,7 +125,7 @@ Name of the janitor's resources (Deployment, ServiceAccount, RBAC).
 Labels that select the janitor pods (immutable within a release, like the agent's).
 */}}
 {{- define "portassign.janitorSelectorLabels" -}}
-{{ include "portassign.selectorLabels" . }}
+{{ include "portassign.instanceLabels" . }}
 app.kubernetes.io/component: janitor
 {{- end }}
 
