@@ -15,6 +15,8 @@
 #                                          (KEEP_ENGINE=1 keeps it running).
 #   hack/kind/cluster.sh load IMAGE...     `kind load docker-image` into every node.
 #   hack/kind/cluster.sh kubeconfig [PATH] write the kubeconfig again; print its path.
+#   hack/kind/cluster.sh env               print `export DOCKER_HOST=...` when the private
+#                                          engine runs (eval it to use docker by hand).
 #
 # Environment: KIND_CLUSTER (default portassign), KIND_NODE_IMAGE (default: the one
 # node-image.sh builds), KIND_KUBECONFIG, KEEP_ENGINE, KIND_WAIT (seconds for the nodes to
@@ -146,6 +148,14 @@ cmd_kubeconfig() {
   echo "$kc"
 }
 
+cmd_env() {
+  if [ -S "$PRIVATE_SOCK" ] && DOCKER_HOST="unix://$PRIVATE_SOCK" docker info >/dev/null 2>&1; then
+    echo "export DOCKER_HOST=unix://$PRIVATE_SOCK"
+  else
+    klog "the private engine is not running"
+  fi
+}
+
 [ $# -gt 0 ] || usage
 sub=$1; shift
 case "$sub" in
@@ -153,6 +163,7 @@ case "$sub" in
   down) cmd_down ;;
   load) cmd_load "$@" ;;
   kubeconfig) cmd_kubeconfig "$@" ;;
+  env) cmd_env ;;
   -h|--help|help) usage ;;
   *) usage ;;
 esac
