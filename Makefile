@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart chaos e2e e2e-kind lint fmt crd tools build image control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart chaos e2e e2e-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -14,7 +14,7 @@ test: ## Every check and test, against a real kube-apiserver + etcd built here
 	hack/test.sh
 
 test-unit: ## Unit and property tests only (no control plane)
-	$(CARGO) test --lib
+	$(CARGO) test --workspace --lib
 
 bench: ## Benchmarks vs the seed's algorithm and the API write floor; regenerates docs/benchmarks.md
 	hack/bench.sh
@@ -22,18 +22,26 @@ bench: ## Benchmarks vs the seed's algorithm and the API write floor; regenerate
 chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minutes of churn
 	PORTASSIGN_CHAOS_SECONDS=180 PORTASSIGN_CHAOS_KILLS=30 $(CARGO) test --test chaos -- --nocapture
 
-test-chart: ## Helm chart checks, install and RBAC proof against $$KUBECONFIG's cluster
-	hack/test-chart.sh
+test-chart: ## The chart: helm lint and helm-unittest, then its checks against a local API server
+	hack/chart-unittest.sh
+	$(CARGO) test -p portassign-e2e --test chart
 
-e2e: ## End-to-end suite on a local control plane: chart installed, agents as local processes
-	hack/e2e-local.sh
+e2e: ## The end-to-end suite on a local control plane (chart installed with helm, agents as processes)
+	$(CARGO) build --bin portassign
+	$(CARGO) test -p portassign-e2e --test suite -- --nocapture
 
-e2e-kind: ## Same end-to-end suite on a kind cluster, agents as the chart's DaemonSet (needs Docker)
-	hack/e2e-kind.sh
+e2e-kind: ## The end-to-end suite and the real-pod scenarios on the offline kind cluster (KEEP_CLUSTER=1 keeps it)
+	hack/kind/test.sh
+
+kind-up: ## Start the offline kind cluster (built and cached here); prints its kubeconfig
+	hack/kind/cluster.sh up
+
+kind-down: ## Delete the kind cluster and stop the private Docker engine
+	hack/kind/cluster.sh down
 
 lint: ## Formatting and clippy, warnings denied
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -45,8 +53,8 @@ crd: build ## Regenerate crds/ (and the chart's copy) from src/api.rs
 build: ## Build the portassign binary (debug)
 	$(CARGO) build
 
-tools: ## Build kube-apiserver, etcd, kubectl and helm from Go modules into the cache
-	hack/build-tools.sh
+tools: ## Build kube-apiserver, etcd, kubectl, helm and helm-unittest from Go modules into the cache
+	hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest
 
 control-plane-up: ## Start a local control plane in .local/control-plane (prints its kubeconfig)
 	hack/control-plane.sh up .local/control-plane
@@ -55,8 +63,11 @@ control-plane-down: ## Stop the control plane started by control-plane-up
 	hack/control-plane.sh down .local/control-plane
 
 IMAGE ?= portassign:dev
-image: ## Build the container image (needs a Docker engine; none runs on the CI machine)
+image: ## Build the container image from public bases (needs a Docker engine and a registry to pull from)
 	docker build -t $(IMAGE) .
+
+image-offline: ## Build the same runtime image with no registry (prebuilt binary, local base); prints its name
+	hack/kind/image.sh
 
 clean: ## Remove build output (the tools cache under ~/.cache/portassign stays)
 	$(CARGO) clean

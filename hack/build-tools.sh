@@ -122,7 +122,7 @@ build_helm() {
   echo "$out"
 }
 
-# kind (for `make e2e-kind`): `go install` builds it with its own go.mod, as kind's docs do.
+# kind (for the kind stage of `make test`): `go install` builds it with its own go.mod, as kind's docs do.
 build_kind() {
   local out; out=$(tool_dir kind "$KIND_VERSION")
   [ -x "$out/kind" ] && { echo "$out"; return; }

@@ -14,6 +14,10 @@ fn committed_crd_matches_the_rust_types() {
         .expect("crds/portassignment.yaml exists");
     let generated = portassign::api::crd_yaml().expect("render CRD");
     assert!(committed == generated, "crds/portassignment.yaml drifted from src/api.rs: run `make crd` and commit");
+    let chart_copy =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/portassign/crds/portassignment.yaml"))
+            .expect("the chart's copy exists");
+    assert!(chart_copy == generated, "charts/portassign/crds/ drifted from src/api.rs: run `make crd` and commit");
 }
 
 fn dynamic_api(w: &World) -> Api<DynamicObject> {

@@ -186,6 +186,15 @@ impl Installed {
     }
 
     async fn install(&mut self) -> anyhow::Result<()> {
+        // helm installs a chart's CRD only when it is absent: bring it up to date first,
+        // as the README tells users to.
+        portassign_testkit::cluster::install_crd(&self.client()).await?;
+        // A fresh release: one left from an earlier run (a kept cluster) may be of an
+        // older chart whose DaemonSet cannot be upgraded in place.
+        let releases = self.helm(&["list", "-n", RELEASE, "-q"])?;
+        if releases.lines().any(|r| r == RELEASE) {
+            self.uninstall()?;
+        }
         self.helm_upgrade(&[])?;
         match self.provider {
             Provider::Local => self.start_local_agents().await,

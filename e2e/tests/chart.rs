@@ -107,6 +107,15 @@ async fn every_rendering_passes_the_api_servers_validation() {
             .unwrap_or_else(|e| panic!("{}: {e:#}", file.as_deref().unwrap_or("default values")));
         println!("{checked} objects accepted by the API server: {}", file.as_deref().unwrap_or("default values"));
     }
+    // The examples users are pointed at, as they would apply them.
+    let mut examples = Vec::new();
+    for entry in std::fs::read_dir(portassign_testkit::repo_root().join("examples")).expect("examples/") {
+        let file = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        let object = portassign_e2e::example(&file, "example", "node-1").expect("an example PortAssignment");
+        examples.push(serde_json::to_value(object).expect("json"));
+    }
+    let checked = dry_run(&client, &discovery, namespace, &examples).await.expect("the examples are accepted");
+    println!("{checked} examples accepted by the API server");
 }
 
 #[tokio::test(flavor = "multi_thread")]

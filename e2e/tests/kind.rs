@@ -1,0 +1,230 @@
+//! What only real pods show, on the kind provider (`hack/kind/test.sh` runs it with
+//! `--features kind`): the repository's image as the chart's DaemonSet, restarted by the
+//! kubelet, rolled by `helm upgrade`, and a node deleted under it. After each step the
+//! invariant checker compares every status with every agent's in-memory table, read from
+//! the agents' own HTTP port on their nodes' addresses.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Node, Pod},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use portassign::{
+    api::{PortAssignment, reason},
+    checker::{self, Expectations},
+};
+use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example};
+use portassign_testkit::{cluster::ensure_namespace, eventually, ports_of, ready_reason, unique};
+
+/// The chart's default metrics port: where each agent serves `/debug/table`.
+const AGENT_PORT: u16 = 9477;
+
+fn step(what: &str) {
+    println!("\n=== {what}");
+}
+
+/// Each node's InternalIP.
+async fn node_addresses(nodes: &Api<Node>) -> BTreeMap<String, String> {
+    let mut addresses = BTreeMap::new();
+    for node in nodes.list(&ListParams::default()).await.expect("nodes").items {
+        let ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .map(|a| a.address.clone())
+            .expect("an InternalIP");
+        addresses.insert(node.name_any(), ip);
+    }
+    addresses
+}
+
+/// Runs the checker over every object and every node's agent until it is clean, or
+/// panics with what it found.
+async fn checker_clean(
+    api: &Api<PortAssignment>,
+    addresses: &BTreeMap<String, String>,
+    range: portassign::range::PortRange,
+) {
+    let expect = Expectations {
+        settled: true,
+        stuck_after: Duration::from_secs(60),
+        ranges: addresses.keys().map(|n| (n.clone(), range)).collect::<HashMap<_, _>>(),
+    };
+    let mut last = Vec::new();
+    for _ in 0..120 {
+        let objects = api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+        let mut tables = Vec::new();
+        let mut unreachable = Vec::new();
+        for (node, ip) in addresses {
+            match checker::fetch_table(&format!("http://{ip}:{AGENT_PORT}")).await {
+                Ok(table) => tables.push(table),
+                Err(e) => unreachable.push(format!("agent of {node}: {e}")),
+            }
+        }
+        last = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now())
+            .iter()
+            .map(|v| v.to_string())
+            .chain(unreachable)
+            .collect();
+        if last.is_empty() && objects.iter().all(|o| o.is_ready()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the checker is not clean after 60s:\n{}", last.join("\n"));
+}
+
+/// key→port of every object.
+async fn all_ports(api: &Api<PortAssignment>) -> BTreeMap<String, BTreeMap<String, u16>> {
+    api.list(&ListParams::default()).await.expect("list").items.iter().map(|o| (o.name_any(), ports_of(o))).collect()
+}
+
+/// The ports of `before` that are still wanted are where they were.
+fn none_moved(before: &BTreeMap<String, BTreeMap<String, u16>>, after: &BTreeMap<String, BTreeMap<String, u16>>) {
+    for (name, ports) in before {
+        for (key, port) in ports {
+            if let Some(now) = after.get(name).and_then(|p| p.get(key)) {
+                assert_eq!(now, port, "{name}: key {key} moved from {port} to {now}");
+            }
+        }
+    }
+}
+
+/// Waits until the DaemonSet's rollout is complete: every node runs an up-to-date, Ready agent.
+async fn rolled_out(daemonsets: &Api<DaemonSet>, nodes: usize) {
+    let want = nodes as i32;
+    eventually("the DaemonSet rolled out on every node", TIMEOUT, || async {
+        let ds = daemonsets.get(RELEASE).await.ok()?;
+        let status = ds.status?;
+        (status.observed_generation == ds.metadata.generation
+            && status.desired_number_scheduled == want
+            && status.updated_number_scheduled == Some(want)
+            && status.number_ready == want
+            && status.number_available == Some(want))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lost_node() {
+    let mut env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
+    assert_eq!(env.provider, Provider::Kind, "these scenarios need PORTASSIGN_E2E_PROVIDER=kind");
+    let client = env.client();
+    let ns = unique("kind");
+    ensure_namespace(&client, &ns).await.expect("namespace");
+    let api: Api<PortAssignment> = Api::namespaced(client.clone(), &ns);
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), RELEASE);
+    let addresses = node_addresses(&nodes_api).await;
+    let nodes: Vec<String> = addresses.keys().cloned().collect();
+    assert!(nodes.len() >= 3, "a control plane and two workers: {nodes:?}");
+
+    step("two pools on every node, Ready; the checker agrees with every agent's memory");
+    for node in &nodes {
+        for i in 0..2 {
+            let object = example("pool.yaml", &format!("pool-{i}-{node}"), node).unwrap();
+            api.create(&PostParams::default(), &object).await.expect("create");
+        }
+    }
+    checker_clean(&api, &addresses, env.range).await;
+    let before = all_ports(&api).await;
+
+    step("an agent pod deleted: the DaemonSet brings it back, every port kept");
+    let victim_node = nodes.iter().find(|n| !n.contains("control-plane")).expect("a worker").clone();
+    let selector = "app.kubernetes.io/component=agent";
+    let on_node = |list: Vec<Pod>, node: &str| {
+        list.into_iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+    };
+    let victim = on_node(pods.list(&ListParams::default().labels(selector)).await.expect("pods").items, &victim_node)
+        .expect("an agent pod on the worker");
+    pods.delete(&victim.name_any(), &DeleteParams::default()).await.expect("delete the agent pod");
+    eventually("a new agent pod Ready on the worker", TIMEOUT, || async {
+        let list = pods.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        let pod = on_node(list, &victim_node)?;
+        let ready = pod.status.as_ref()?.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (pod.uid() != victim.uid() && ready).then_some(())
+    })
+    .await;
+    checker_clean(&api, &addresses, env.range).await;
+    none_moved(&before, &all_ports(&api).await);
+
+    step("helm upgrade rolls the DaemonSet while keys change: no port moves or is held twice, nothing stuck");
+    let churn_api = api.clone();
+    let churn_nodes = nodes.clone();
+    let churn = tokio::spawn(async move {
+        for round in 0..30 {
+            for node in &churn_nodes {
+                let keys: Vec<String> = (0..3).map(|k| format!("churn/{}-{k}", (round + k) % 5)).collect();
+                let name = format!("churn-{node}");
+                let patch = serde_json::json!({
+                    "apiVersion": "portassign.io/v1alpha1", "kind": "PortAssignment",
+                    "metadata": { "name": name }, "spec": { "nodeName": node, "keys": keys }
+                });
+                let _ = churn_api.patch(&name, &PatchParams::apply("e2e-churn").force(), &Patch::Apply(patch)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    env.helm_upgrade(&["concurrency=64", "logLevel=info"]).expect("helm upgrade");
+    rolled_out(&daemonsets, nodes.len()).await;
+    churn.await.expect("the churn task");
+    checker_clean(&api, &addresses, env.range).await;
+    none_moved(&before, &all_ports(&api).await);
+
+    step("a worker node deleted: the janitor releases its objects after its grace");
+    env.helm_upgrade(&["concurrency=64", "logLevel=info", "janitor.graceSeconds=3", "janitor.intervalSeconds=1"])
+        .expect("helm upgrade with a short janitor grace");
+    let gone_node = nodes.iter().rev().find(|n| !n.contains("control-plane")).expect("a worker").clone();
+    let deleting = format!("pool-0-{gone_node}");
+    let kept = format!("pool-1-{gone_node}");
+    // One of its objects is deleted with the node: no agent will ever finalize it.
+    nodes_api.delete(&gone_node, &DeleteParams::default()).await.expect("delete the node");
+    api.delete(&deleting, &DeleteParams::default()).await.expect("delete an object of the node");
+    eventually("the deleted node's deleting object finalized by the janitor", TIMEOUT, || async {
+        matches!(api.get_opt(&deleting).await, Ok(None)).then_some(())
+    })
+    .await;
+    let released = eventually("the deleted node's other object released", TIMEOUT, || async {
+        let o = api.get(&kept).await.ok()?;
+        (ready_reason(&o) == Some(("False".into(), reason::NODE_NOT_FOUND.into()))).then_some(o)
+    })
+    .await;
+    assert!(ports_of(&released).is_empty(), "the ports of a gone node are no longer recorded");
+    let mut remaining = addresses.clone();
+    remaining.remove(&gone_node);
+    let others = Api::<PortAssignment>::namespaced(client.clone(), &ns);
+    for node in remaining.keys() {
+        for i in 0..2 {
+            assert!(
+                others.get(&format!("pool-{i}-{node}")).await.expect("get").is_ready(),
+                "objects of live nodes stay Ready"
+            );
+        }
+    }
+
+    step("no API call of an agent or the janitor was refused, across every pod and restart");
+    let refused = env.refusals().await.expect("pod logs");
+    assert!(refused.is_empty(), "refused calls:\n{}", refused.join("\n"));
+
+    // The deleted node's objects stay released until its kubelet registers it again;
+    // delete them so the namespace can go.
+    for object in api.list(&ListParams::default()).await.expect("list").items {
+        let name = object.name_any();
+        if object.spec.node_name == gone_node {
+            let strip = serde_json::json!({ "metadata": { "finalizers": null } });
+            let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(strip)).await;
+        }
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+}

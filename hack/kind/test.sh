@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The kind stage of `make test` (also `make e2e-kind`): the product as users install it.
+# Builds and starts what is needed, then hands over to the Rust end-to-end suite; it
+# asserts nothing itself.
+#
+#   1. hack/kind/cluster.sh up      the offline kind cluster (engine, node image; cached)
+#   2. hack/kind/image.sh load      the repository's image, loaded into every node
+#   3. cargo test -p portassign-e2e --features kind, with the kind provider: the suite
+#      (e2e/tests/suite.rs) and the real-pod scenarios (e2e/tests/kind.rs), against the
+#      chart's DaemonSet running that image
+#   4. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
+#
+# Environment: KEEP_CLUSTER, and those of cluster.sh and image.sh.
+set -euo pipefail
+# shellcheck disable=SC2034 # used by lib.sh
+KLOG_NAME=kind-test
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
+started=$(date +%s)
+phase() { klog "--- $* (at $(($(date +%s) - started)) s)"; }
+
+finish() {
+  local rc=$?
+  set +e
+  if [ "${KEEP_CLUSTER:-}" = 1 ]; then
+    klog "KEEP_CLUSTER=1: cluster kept; KUBECONFIG=${kubeconfig:-?}"
+  else
+    "$KIND_DIR/cluster.sh" down
+  fi
+  klog "$([ "$rc" -eq 0 ] && echo PASS || echo "FAIL (exit $rc)") in $(($(date +%s) - started)) s"
+  exit "$rc"
+}
+trap finish EXIT
+
+phase "cluster"
+kubeconfig=$("$KIND_DIR/cluster.sh" up | tail -n 1)
+phase "image"
+image=$("$KIND_DIR/image.sh" load | tail -n 1)
+phase "end-to-end suite and real-pod scenarios (kind provider, image $image)"
+# The suite drives the cluster with `kubectl portassign`, the binary built here.
+cargo build --locked --bin portassign
+PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
+  cargo test --locked -p portassign-e2e --features kind --test suite --test kind -- --nocapture --test-threads=1
