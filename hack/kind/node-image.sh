@@ -315,7 +315,9 @@ preload_and_commit() {
   # ctr also names the archive's own index (import-<date>); only the images are wanted.
   docker exec "$id" bash -c 'ctr --namespace=k8s.io images list -q | grep "^import-" | xargs -r ctr --namespace=k8s.io images rm' >/dev/null
   docker exec "$id" ctr --namespace=k8s.io images list -q | grep -v '^sha256:' | sed 's/^/[node-image]   preloaded /' >&2
-  docker exec "$id" bash -c 'pkill containerd; for i in $(seq 1 30); do pgrep containerd >/dev/null || break; sleep 0.5; done; rm -f /tmp/containerd.log'
+  # Stop containerd and drop its runtime state (sockets cannot go into an image layer).
+  docker exec "$id" bash -c 'pkill containerd; for i in $(seq 1 30); do pgrep containerd >/dev/null || break; sleep 0.5; done
+    rm -rf /tmp/containerd.log /run/containerd /run/nri'
   docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$id" "$NODE_IMAGE" >/dev/null
 }
 
