@@ -55,6 +55,18 @@ pod_routes() {
   done <<< "$rows"
 }
 
+# reregister_nodes KUBECONFIG: a kept cluster whose Node object was deleted (tests of the
+# janitor do that) gets it back: the node's kubelet registers it again when restarted.
+reregister_nodes() {
+  local kc=$1 registered node
+  registered=$("$KUBECTL_BIN" --kubeconfig "$kc" get nodes -o name 2>/dev/null) || return 0
+  for node in $("$KIND_BIN" get nodes --name "$cluster"); do
+    grep -qx "node/$node" <<< "$registered" && continue
+    klog "node $node is not registered: restarting its kubelet"
+    docker exec "$node" systemctl restart kubelet
+  done
+}
+
 # wait_ready KUBECONFIG: every node of the cluster registered and Ready.
 wait_ready() {
   local kc=$1 deadline want have
@@ -99,6 +111,7 @@ cmd_up() {
       --config "$KIND_DIR/cluster.yaml" --kubeconfig "$kc" --wait 0s >&2
   fi
   write_kubeconfig "$kc"
+  reregister_nodes "$kc"
   wait_ready "$kc"
   "$KUBECTL_BIN" --kubeconfig "$kc" get nodes -o wide >&2
   klog "cluster $cluster up with every node Ready in $(($(date +%s) - started)) s; KUBECONFIG=$kc"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The product as users run it, on the offline kind cluster: the repository's image, the
-# chart's DaemonSet on every node and its janitor, and the example pool served.
+# A quick smoke check of the product as users run it, on the offline kind cluster: the
+# repository's image, the chart's DaemonSet on every node and its janitor, and the
+# example pool served. One call from nothing (about 1.5 min with the node image cached);
+# the full end-to-end suite on the same cluster is hack/kind/test.sh.
 #
 #   1. hack/kind/cluster.sh up            (engine, node image, 3 nodes Ready; cached)
 #   2. hack/kind/image.sh load            (release binary, image, kind load)
@@ -16,13 +18,13 @@
 # for any one thing, default 180), and those of lib.sh and cluster.sh.
 set -euo pipefail
 # shellcheck disable=SC2034 # used by lib.sh
-KLOG_NAME=e2e
+KLOG_NAME=smoke
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 namespace=portassign
 release=portassign
-demo=portassign-e2e-demo
+demo=portassign-smoke-demo
 timeout=${E2E_TIMEOUT:-180}
 started=$(date +%s)
 kc=${KIND_KUBECONFIG:-$HOME/.cache/portassign/kind/${KIND_CLUSTER:-portassign}.kubeconfig}
@@ -60,6 +62,10 @@ phase "2. image"
 image=$("$KIND_DIR/image.sh" load | tail -n 1)
 
 phase "3. chart"
+# Agents use the node's network: a second release would find its port taken on every node.
+others=$(k get daemonsets -A -l app.kubernetes.io/name=portassign --no-headers 2>/dev/null |
+  awk -v ns="$namespace" -v r="$release" '!($1 == ns && $2 == r) {print $1 "/" $2}')
+[ -z "$others" ] || kdie "another release of the chart runs on this cluster ($others; helm uninstall it first)"
 if k get crd portassignments.portassign.io >/dev/null 2>&1; then
   # helm installs a chart's CRDs only when absent; bring an existing one up to date.
   k apply --server-side --force-conflicts -f "$REPO/charts/portassign/crds/" >/dev/null
