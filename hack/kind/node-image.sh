@@ -20,7 +20,7 @@
 #      then `docker commit`.
 #
 # The result is tagged portassign/kind-node:<kubernetes version>-<key>, where the key
-# hashes hack/versions.env and this script; an engine that has it already is not asked
+# hashes the versions it is made of and this script; an engine that has it already is not asked
 # to build it again (the private engine keeps its images in its data root across runs).
 # Not built: kindnet (see cluster.yaml) and kind's local-path storage provisioner (kind
 # then installs its legacy host-path StorageClass).
@@ -28,6 +28,7 @@
 # Usage: hack/kind/node-image.sh          build (or find) the image; print its tag
 #        hack/kind/node-image.sh --force  build it even if the engine has it
 #        hack/kind/node-image.sh --tag    print the tag only
+#        hack/kind/node-image.sh rootfs   only the debootstrap stage (no engine needed)
 # Needs root, Go, gcc (static libc), debootstrap (installed with apt-get if missing) and
 # a Docker engine (hack/kind/lib.sh starts a private one if none answers; one started
 # here is stopped again at the end unless KEEP_ENGINE=1).
@@ -45,7 +46,9 @@ packages=(systemd systemd-sysv conntrack iptables nftables iproute2 ethtool util
 rootfs_key=$(printf '%s\n' "$suite" "${packages[@]}" | sha256sum | cut -c1-12)
 rootfs="$TOOLS_CACHE/kind-rootfs-$suite-$rootfs_key"
 
-node_key=$( { cat "$REPO/hack/versions.env" "${BASH_SOURCE[0]}"; echo "$rootfs_key"; } | sha256sum | cut -c1-12)
+node_key=$( { for v in KUBERNETES_VERSION ETCD_VERSION KIND_VERSION CONTAINERD_VERSION CRICTL_VERSION \
+                CNI_PLUGINS_VERSION PAUSE_VERSION COREDNS_VERSION; do echo "$v=${!v}"; done
+              cat "${BASH_SOURCE[0]}"; echo "$rootfs_key"; } | sha256sum | cut -c1-12)
 NODE_IMAGE="portassign/kind-node:$KUBERNETES_VERSION-$node_key"
 BASE_IMAGE="portassign/kind-rootfs:$suite-$rootfs_key"
 
@@ -243,11 +246,14 @@ image_skeleton() {
   cp "$rootfs/etc/ssl/certs/ca-certificates.crt" "$dir/etc/ssl/certs/"
 }
 
-# import_image DIR TAG ENTRYPOINT-JSON: DIR as a one-layer image.
+# import_image DIR TAG ENTRYPOINT-JSON: DIR as a one-layer image (the image that had the
+# tag before is removed, unless something still uses it).
 import_image() {
+  local old; old=$(docker image inspect -f '{{.Id}}' "$2" 2>/dev/null || true)
   tar -C "$1" --owner=0 --group=0 --numeric-owner -c . |
     docker import --change "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin" \
       --change "ENTRYPOINT $3" - "$2" >/dev/null
+  [ -z "$old" ] || docker rmi "$old" >/dev/null 2>&1 || true
 }
 
 # component_images CONTEXT IMAGE...: the images kubeadm asks for, from the binaries.
@@ -351,7 +357,13 @@ component_images "$ctx" "${required[@]}"
 docker save "${required[@]}" > "$ctx/images.tar"
 
 base_node_image "$ctx" "$pause_image" "$NODE_IMAGE-base"
+old_node=$(docker image inspect -f '{{.Id}}' "$NODE_IMAGE" 2>/dev/null || true)
 preload_and_commit "$NODE_IMAGE-base" "$ctx/images.tar"
 docker rmi "$NODE_IMAGE-base" >/dev/null 2>&1 || true
+# Node images of older recipes (or the one --force replaced) only take space, about 1 GB
+# each; those a cluster still runs on stay.
+{ [ -z "$old_node" ] || echo "$old_node"
+  docker images portassign/kind-node --format '{{.Repository}}:{{.Tag}}' | grep -vx "$NODE_IMAGE"
+} | xargs -r docker rmi >/dev/null 2>&1 || true
 klog "built $NODE_IMAGE in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$NODE_IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
 echo "$NODE_IMAGE"
