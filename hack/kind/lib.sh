@@ -53,6 +53,7 @@ kubectl_bin() { if [ -n "${KUBECTL:-}" ]; then echo "$KUBECTL"; else echo "$(too
 
 PRIVATE_SOCK="$DOCKER_DIR/docker.sock"
 PRIVATE_PID="$DOCKER_DIR/dockerd.pid"
+PRIVATE_BRIDGE=pa-docker0
 
 # cap_sys_resource_missing: true when this machine's capability bounding set lacks
 # CAP_SYS_RESOURCE (bit 24), as in some VMs and nested containers.
@@ -144,15 +145,21 @@ engine_up() {
   command -v docker >/dev/null || kdie "the docker CLI is missing"
   mkdir -p "$DOCKER_DIR/data" "$DOCKER_DIR/exec" "$DOCKER_DIR/bin"
   write_runtime_shim "$DOCKER_DIR/bin/portassign-runc"
-  # Its own bridge name and addresses, so it leaves a system docker0 alone; the iptables
-  # rules it writes only concern its own bridges.
+  # Its own default bridge (dockerd only uses a named bridge that exists) and address
+  # pools, so a system docker0 is left alone; the iptables rules it writes concern its
+  # own bridges. (The kind network is a bridge of its own too, from the pools.)
+  if ! ip link show "$PRIVATE_BRIDGE" >/dev/null 2>&1; then
+    ip link add "$PRIVATE_BRIDGE" type bridge
+    ip addr add 172.29.0.1/16 dev "$PRIVATE_BRIDGE"
+  fi
+  ip link set "$PRIVATE_BRIDGE" up
   cat > "$DOCKER_DIR/daemon.json" <<EOF
 {
   "data-root": "$DOCKER_DIR/data",
   "exec-root": "$DOCKER_DIR/exec",
   "pidfile": "$PRIVATE_PID",
   "hosts": ["unix://$PRIVATE_SOCK"],
-  "bip": "172.29.0.1/16",
+  "bridge": "$PRIVATE_BRIDGE",
   "default-address-pools": [{"base": "172.28.0.0/14", "size": 24}],
   "runtimes": {"portassign-runc": {"path": "$DOCKER_DIR/bin/portassign-runc"}},
   "default-runtime": "portassign-runc",
@@ -194,7 +201,11 @@ engine_down() {
   kill -TERM "$pid"
   local i
   for i in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { klog "private dockerd stopped"; return 0; }
+    if ! kill -0 "$pid" 2>/dev/null; then
+      ip link delete "$PRIVATE_BRIDGE" 2>/dev/null || true
+      klog "private dockerd stopped"
+      return 0
+    fi
     sleep 1
   done
   klog "the private dockerd (pid $pid) did not stop within 60 s"
