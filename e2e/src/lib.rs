@@ -274,8 +274,21 @@ impl Installed {
             }
             Provider::Kind => {
                 let pods: Api<Pod> = Api::namespaced(self.client(), RELEASE);
+                let nodes: Vec<String> = Api::<Node>::all(self.client())
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|n| n.name_any())
+                    .collect();
                 for pod in pods.list(&ListParams::default()).await?.items {
                     let name = pod.name_any();
+                    // A pod of a node that was deleted has no kubelet to serve its log.
+                    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                    if !node.is_empty() && !nodes.contains(&node) {
+                        println!("(log of {name} not readable: its node {node} is gone)");
+                        continue;
+                    }
                     // Every restart counts too: the previous container's log, if any.
                     if let Ok(previous) = pods.logs(&name, &LogParams { previous: true, ..Default::default() }).await {
                         logs.push(previous);

@@ -18,7 +18,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use portassign::{
-    api::{PortAssignment, reason},
+    api::{PortAssignment, PortAssignmentSpec, reason},
     checker::{self, Expectations},
 };
 use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example};
@@ -26,6 +26,28 @@ use portassign_testkit::{cluster::ensure_namespace, eventually, ports_of, ready_
 
 /// The chart's default metrics port: where each agent serves `/debug/table`.
 const AGENT_PORT: u16 = 9477;
+
+/// A hostNetwork pod on `node` running the sandbox stand-in on `port` for `key`, as
+/// locked down as the agent (non-root, no capabilities, read-only root filesystem).
+fn sandbox_pod(node: &str, port: u16, key: &str) -> Pod {
+    let image = std::env::var("PORTASSIGN_E2E_SANDBOX_IMAGE")
+        .expect("PORTASSIGN_E2E_SANDBOX_IMAGE (hack/kind/test.sh sets it)");
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "sandbox" },
+        "spec": {
+            "nodeName": node, "hostNetwork": true, "restartPolicy": "Never",
+            "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+            "containers": [{
+                "name": "sandbox", "image": image, "imagePullPolicy": "Never",
+                "args": [port.to_string(), key],
+                "readinessProbe": { "tcpSocket": { "port": port }, "periodSeconds": 1 },
+                "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } }
+            }]
+        }
+    }))
+    .expect("sandbox pod")
+}
 
 fn step(what: &str) {
     println!("\n=== {what}");
@@ -47,8 +69,8 @@ async fn node_addresses(nodes: &Api<Node>) -> BTreeMap<String, String> {
     addresses
 }
 
-/// Runs the checker over every object and every node's agent until it is clean, or
-/// panics with what it found.
+/// Runs the checker over every object and every node's agent until it is clean and every
+/// object of the test (`api`'s namespace) is Ready, or panics with what it found.
 async fn checker_clean(
     api: &Api<PortAssignment>,
     addresses: &BTreeMap<String, String>,
@@ -61,7 +83,10 @@ async fn checker_clean(
     };
     let mut last = Vec::new();
     for _ in 0..120 {
-        let objects = api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+        // Every namespace: an agent's table holds its node's objects wherever they live.
+        let everywhere: Api<PortAssignment> = Api::all(api.clone().into_client());
+        let objects = everywhere.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+        let mine = api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
         let mut tables = Vec::new();
         let mut unreachable = Vec::new();
         for (node, ip) in addresses {
@@ -75,7 +100,7 @@ async fn checker_clean(
             .map(|v| v.to_string())
             .chain(unreachable)
             .collect();
-        if last.is_empty() && objects.iter().all(|o| o.is_ready()) {
+        if last.is_empty() && mine.iter().all(|o| o.is_ready()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -138,10 +163,58 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
         }
     }
     checker_clean(&api, &addresses, env.range).await;
+
+    step(
+        "a sandbox pod (hostNetwork) listens on its key's port, reachable on the node's address; no other key gets it",
+    );
+    let victim_node = nodes.iter().find(|n| !n.contains("control-plane")).expect("a worker").clone();
+    let key = "sandbox/web";
+    let sandbox_pool = example("pool.yaml", "sandboxes", &victim_node).unwrap();
+    let sandbox_pool =
+        PortAssignment { spec: PortAssignmentSpec { keys: vec![key.into()], ..sandbox_pool.spec }, ..sandbox_pool };
+    api.create(&PostParams::default(), &sandbox_pool).await.expect("create the sandboxes' pool");
+    let port = eventually("the sandbox key's port", TIMEOUT, || async {
+        let o = api.get("sandboxes").await.ok()?;
+        o.is_ready().then(|| ports_of(&o)[key])
+    })
+    .await;
+    let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    sandbox_pods.create(&PostParams::default(), &sandbox_pod(&victim_node, port, key)).await.expect("sandbox pod");
+    eventually("the sandbox pod Ready", TIMEOUT, || async {
+        let pod = sandbox_pods.get("sandbox").await.ok()?;
+        pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+    let address = format!("{}:{port}", addresses[&victim_node]);
+    let answer = eventually(&format!("the sandbox answering on {address}"), TIMEOUT, || async {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.ok()?;
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await.ok()?;
+        Some(text)
+    })
+    .await;
+    assert_eq!(answer.trim(), key, "{address} is served by the sandbox of {key}");
+    // More keys on the same node while the sandbox holds its port: none gets it.
+    let crowd: Vec<String> = (0..40).map(|i| format!("crowd/{i}")).collect();
+    let patch = serde_json::json!({ "spec": { "keys": crowd } });
+    api.patch(&format!("pool-0-{victim_node}"), &PatchParams::default(), &Patch::Merge(patch)).await.expect("grow");
+    checker_clean(&api, &addresses, env.range).await;
+    let mut holders = Vec::new();
+    for object in api.list(&ListParams::default()).await.expect("list").items {
+        if object.spec.node_name == victim_node {
+            let name = object.name_any();
+            holders
+                .extend(ports_of(&object).into_iter().filter(|(_, p)| *p == port).map(|(k, _)| format!("{name}/{k}")));
+        }
+    }
+    assert_eq!(
+        holders,
+        [format!("sandboxes/{key}")],
+        "port {port} on {victim_node} is held by the sandbox's key alone"
+    );
     let before = all_ports(&api).await;
 
-    step("an agent pod deleted: the DaemonSet brings it back, every port kept");
-    let victim_node = nodes.iter().find(|n| !n.contains("control-plane")).expect("a worker").clone();
+    step("an agent pod deleted: the DaemonSet brings it back, every port kept (the busy sandbox port too)");
     let selector = "app.kubernetes.io/component=agent";
     let on_node = |list: Vec<Pod>, node: &str| {
         list.into_iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
@@ -182,13 +255,19 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     checker_clean(&api, &addresses, env.range).await;
     none_moved(&before, &all_ports(&api).await);
 
+    step("no API call of an agent or the janitor was refused so far");
+    let refused = env.refusals().await.expect("pod logs");
+    assert!(refused.is_empty(), "refused calls:\n{}", refused.join("\n"));
+    sandbox_pods.delete("sandbox", &DeleteParams::default()).await.expect("delete the sandbox pod");
+
     step("a worker node deleted: the janitor releases its objects after its grace");
     env.helm_upgrade(&["concurrency=64", "logLevel=info", "janitor.graceSeconds=3", "janitor.intervalSeconds=1"])
         .expect("helm upgrade with a short janitor grace");
     let gone_node = nodes.iter().rev().find(|n| !n.contains("control-plane")).expect("a worker").clone();
     let deleting = format!("pool-0-{gone_node}");
     let kept = format!("pool-1-{gone_node}");
-    // One of its objects is deleted with the node: no agent will ever finalize it.
+    // One of its objects is deleted with the node. Its agent may still finalize it (the pod
+    // runs until it is garbage-collected), else the janitor does: either way it must go.
     nodes_api.delete(&gone_node, &DeleteParams::default()).await.expect("delete the node");
     api.delete(&deleting, &DeleteParams::default()).await.expect("delete an object of the node");
     eventually("the deleted node's deleting object finalized by the janitor", TIMEOUT, || async {
@@ -213,7 +292,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
         }
     }
 
-    step("no API call of an agent or the janitor was refused, across every pod and restart");
+    step("no API call of an agent or the janitor was refused, across every pod and restart of the live nodes");
     let refused = env.refusals().await.expect("pod logs");
     assert!(refused.is_empty(), "refused calls:\n{}", refused.join("\n"));
 

@@ -4,7 +4,8 @@
 # asserts nothing itself.
 #
 #   1. hack/kind/cluster.sh up      the offline kind cluster (engine, node image; cached)
-#   2. hack/kind/image.sh load      the repository's image, loaded into every node
+#   2. hack/kind/image.sh load      the repository's image, loaded into every node; and the
+#                                   same runtime stage around e2e's sandbox stand-in
 #   3. cargo test -p portassign-e2e --features kind, with the kind provider: the suite
 #      (e2e/tests/suite.rs) and the real-pod scenarios (e2e/tests/kind.rs), against the
 #      chart's DaemonSet running that image
@@ -35,10 +36,17 @@ trap finish EXIT
 
 phase "cluster"
 kubeconfig=$("$KIND_DIR/cluster.sh" up | tail -n 1)
-phase "image"
+phase "images"
 image=$("$KIND_DIR/image.sh" load | tail -n 1)
-phase "end-to-end suite and real-pod scenarios (kind provider, image $image)"
-# The suite drives the cluster with `kubectl portassign`, the binary built here.
+# The suite drives the cluster with `kubectl portassign`, the binary built here; the
+# scenarios start sandbox pods from the same runtime stage with e2e's stand-in binary.
 cargo build --locked --bin portassign
-PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
-  cargo test --locked -p portassign-e2e --features kind --test suite --test kind -- --nocapture --test-threads=1
+cargo build --locked -p portassign-e2e --bin sandbox
+sandbox=$(PORTASSIGN_BINARY=${CARGO_TARGET_DIR:-$REPO/target}/debug/sandbox PORTASSIGN_IMAGE=portassign-e2e-sandbox:dev \
+  "$KIND_DIR/image.sh" load | tail -n 1)
+phase "end-to-end suite and real-pod scenarios (kind provider, image $image)"
+export PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
+  PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox
+# The suite first: the scenarios end by deleting a worker node.
+cargo test --locked -p portassign-e2e --features kind --test suite -- --nocapture
+cargo test --locked -p portassign-e2e --features kind --test kind -- --nocapture
