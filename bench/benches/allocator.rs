@@ -1,5 +1,5 @@
 //! Allocator benchmark: assigning n ports, one key per call, through the real probe and
-//! the real table, against a baseline that does what DESIGN §6 says the seed does, and
+//! the real table, against a baseline that does what docs/design.md §1 says the seed does, and
 //! against the probe's syscalls alone.
 //!
 //! `cargo bench -p portassign-bench --bench allocator -- --out FILE` measures and writes
@@ -200,7 +200,7 @@ fn seed_run(n: usize) -> anyhow::Result<Run> {
     Ok(Run { total, tail, lost, file_bytes })
 }
 
-/// What DESIGN §6 describes the seed doing, written for this benchmark: ask the OS for
+/// What docs/design.md §1 describes the seed doing, written for this benchmark: ask the OS for
 /// `127.0.0.1:0`, close the socket, insert into a bimap where a port already mapped
 /// silently moves to the new key, and rewrite the whole JSON file (non-atomic write)
 /// after every assignment.

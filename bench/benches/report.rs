@@ -241,7 +241,7 @@ fn allocator_section(md: &mut String, a: &Allocator) {
         md,
         "Assigning n ports to n keys, one key per call, from an empty table. **Project**: \
          `PortTable::reserve` with the real `SocketProbe` (TCP, range {range}), then `commit`. **Seed baseline** \
-         (DESIGN §6, written in the bench): bind `127.0.0.1:0`, close, insert into a bimap where a port already \
+         (docs/design.md §1, written in the bench): bind `127.0.0.1:0`, close, insert into a bimap where a port already \
          mapped silently moves to the new key, rewrite the whole JSON file with a non-atomic write after every \
          assignment. Median of whole runs ({runs}). \"Last 10 %\" is the cost per assignment over the final tenth \
          of a run, when the table is nearly full. A key is *lost* when, at the end, it no longer holds the port it \
