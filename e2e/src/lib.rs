@@ -235,26 +235,28 @@ impl Installed {
 
     /// Every node runs a Ready agent pod of the DaemonSet.
     async fn wait_for_daemonset(&mut self) -> anyhow::Result<()> {
-        let client = self.client();
-        self.nodes = Api::<Node>::all(client.clone())
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .map(|n| n.name_any())
-            .collect();
+        self.nodes = node_names(&self.client()).await?;
         ensure!(!self.nodes.is_empty(), "the kind cluster has no nodes");
-        let daemonsets: Api<DaemonSet> = Api::namespaced(client, RELEASE);
-        let want = self.nodes.len() as i32;
-        eventually("the DaemonSet's agents Ready and up to date on every node", TIMEOUT, || async {
+        self.rolled_out().await;
+        Ok(())
+    }
+
+    /// Waits until the DaemonSet's rollout is complete: every node runs an up-to-date,
+    /// Ready and available agent.
+    pub async fn rolled_out(&self) {
+        let daemonsets: Api<DaemonSet> = Api::namespaced(self.client(), RELEASE);
+        let want = i32::try_from(self.nodes.len()).unwrap_or(i32::MAX);
+        eventually("the DaemonSet rolled out on every node", TIMEOUT, || async {
             let ds = daemonsets.get(RELEASE).await.ok()?;
             let status = ds.status?;
-            let current = status.observed_generation == ds.metadata.generation;
-            let done = status.number_ready == want && status.updated_number_scheduled == Some(want);
-            (current && done && status.desired_number_scheduled == want).then_some(())
+            (status.observed_generation == ds.metadata.generation
+                && status.desired_number_scheduled == want
+                && status.updated_number_scheduled == Some(want)
+                && status.number_ready == want
+                && status.number_available == Some(want))
+            .then_some(())
         })
         .await;
-        Ok(())
     }
 
     /// Every line the agents and the janitor logged that says the API server refused a
@@ -274,13 +276,7 @@ impl Installed {
             }
             Provider::Kind => {
                 let pods: Api<Pod> = Api::namespaced(self.client(), RELEASE);
-                let nodes: Vec<String> = Api::<Node>::all(self.client())
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .iter()
-                    .map(|n| n.name_any())
-                    .collect();
+                let nodes = node_names(&self.client()).await?;
                 for pod in pods.list(&ListParams::default()).await?.items {
                     let name = pod.name_any();
                     // A pod of a node that was deleted has no kubelet to serve its log.
@@ -315,6 +311,17 @@ impl Installed {
         self.helm(&["uninstall", RELEASE, "-n", RELEASE, "--wait"])?;
         Ok(())
     }
+}
+
+/// The names of the cluster's nodes.
+async fn node_names(client: &Client) -> anyhow::Result<Vec<String>> {
+    Ok(Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect())
 }
 
 fn text_of(program: &str, args: &[&str], output: Output) -> anyhow::Result<String> {

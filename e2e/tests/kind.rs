@@ -9,10 +9,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{Node, Pod},
-};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -124,22 +121,6 @@ fn none_moved(before: &BTreeMap<String, BTreeMap<String, u16>>, after: &BTreeMap
     }
 }
 
-/// Waits until the DaemonSet's rollout is complete: every node runs an up-to-date, Ready agent.
-async fn rolled_out(daemonsets: &Api<DaemonSet>, nodes: usize) {
-    let want = nodes as i32;
-    eventually("the DaemonSet rolled out on every node", TIMEOUT, || async {
-        let ds = daemonsets.get(RELEASE).await.ok()?;
-        let status = ds.status?;
-        (status.observed_generation == ds.metadata.generation
-            && status.desired_number_scheduled == want
-            && status.updated_number_scheduled == Some(want)
-            && status.number_ready == want
-            && status.number_available == Some(want))
-        .then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lost_node() {
     let mut env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
@@ -150,7 +131,6 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let api: Api<PortAssignment> = Api::namespaced(client.clone(), &ns);
     let nodes_api: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE);
-    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), RELEASE);
     let addresses = node_addresses(&nodes_api).await;
     let nodes: Vec<String> = addresses.keys().cloned().collect();
     assert!(nodes.len() >= 3, "a control plane and two workers: {nodes:?}");
@@ -250,7 +230,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
         }
     });
     env.helm_upgrade(&["concurrency=64", "logLevel=info"]).expect("helm upgrade");
-    rolled_out(&daemonsets, nodes.len()).await;
+    env.rolled_out().await;
     churn.await.expect("the churn task");
     checker_clean(&api, &addresses, env.range).await;
     none_moved(&before, &all_ports(&api).await);

@@ -133,13 +133,6 @@ impl Cluster {
         &self.admin.kubeconfig
     }
 
-    /// Kills etcd and kube-apiserver of this test's own control plane with `signal` and
-    /// starts them again on the same data.
-    pub fn restart(&self, signal: &str) {
-        let dir = self.plane.as_ref().expect("only a control plane of the test's own can be restarted");
-        restart_control_plane(dir, signal);
-    }
-
     /// The directory of this test's own control plane, if it has one.
     pub fn plane_dir(&self) -> Option<&Path> {
         self.plane.as_deref()

@@ -106,14 +106,6 @@ impl World {
     /// Starts an in-process agent for `node` with `probe`, as the chart's ServiceAccount,
     /// and waits until it is ready.
     pub async fn agent_for(&self, node: &str, range: PortRange, probe: Arc<dyn PortProbe>) -> Running {
-        let running = self.start_agent(node, range, probe).await;
-        eventually("agent ready", Duration::from_secs(30), || async { running.is_ready().then_some(()) }).await;
-        running
-    }
-
-    /// Starts an in-process agent for `node` as the chart's ServiceAccount, without
-    /// waiting for it to be ready.
-    pub async fn start_agent(&self, node: &str, range: PortRange, probe: Arc<dyn PortProbe>) -> Running {
         let config = agent::Config {
             node_name: node.to_owned(),
             range,
@@ -121,7 +113,9 @@ impl World {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance: Some(format!("test-{node}")),
         };
-        agent::start(self.agent_identity.client(), config, probe).await.expect("start agent")
+        let running = agent::start(self.agent_identity.client(), config, probe).await.expect("start agent");
+        eventually("agent ready", Duration::from_secs(30), || async { running.is_ready().then_some(()) }).await;
+        running
     }
 
     /// Creates a PortAssignment for the test's node.
