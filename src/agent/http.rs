@@ -135,15 +135,24 @@ pub enum FetchError {
     },
 }
 
+/// How long a GET may take, connection included: an agent that does not answer by then
+/// counts as unreachable rather than stalling the caller.
+const GET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// GET `url` (plain HTTP): the status code and the body.
 pub async fn get(url: &str) -> Result<(u16, String), FetchError> {
     let uri: hyper::Uri = url.parse().map_err(|source| FetchError::Url { url: url.to_owned(), source })?;
     let client = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let failed = |source: Box<dyn std::error::Error + Send + Sync>| FetchError::Request { url: url.to_owned(), source };
-    let response = client.get(uri).await.map_err(|e| failed(e.into()))?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.map_err(|e| failed(e.into()))?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let exchange = async {
+        let response = client.get(uri).await.map_err(|e| failed(e.into()))?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.map_err(|e| failed(e.into()))?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(GET_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|elapsed| Err(failed(format!("no answer within {GET_TIMEOUT:?} ({elapsed})").into())))
 }
 
 /// Reads the table of the agent at `base` (`http://HOST:PORT`).
