@@ -42,8 +42,7 @@ async fn create_gives_every_key_a_unique_port_in_range() {
     assert_eq!(ready_reason(&object), Some(("True".into(), "Allocated".into())));
     let status = object.status.unwrap();
     assert_eq!((status.key_count, status.assigned_count), (3, 3));
-    let events = w.events("pool").await;
-    assert!(events.iter().any(|(r, _)| r == "Assigned"), "an Assigned event: {events:?}");
+    w.event("pool", "Assigned").await;
     let (code, metrics) = get(&format!("http://{}/metrics", agent.http_addr)).await.expect("GET /metrics");
     assert_eq!(code, 200);
     assert!(metrics.lines().any(|l| l == "portassign_ports_assigned 3"), "gauge of assigned ports:\n{metrics}");
@@ -97,8 +96,7 @@ async fn keys_added_and_removed_keep_existing_ports_and_freed_ports_are_reused()
     assert_eq!(grown["c"], first["c"]);
     assert_unique_in(&grown, range);
     assert!(grown["d"] == first["b"] || grown["e"] == first["b"], "b's port was reused: {grown:?}");
-    let events = w.events("pool").await;
-    assert!(events.iter().any(|(r, _)| r == "Released"), "a Released event: {events:?}");
+    w.event("pool", "Released").await;
     agent.stop().await.unwrap();
     w.cleanup().await;
 }
@@ -210,10 +208,8 @@ async fn a_port_recorded_twice_goes_to_the_older_object_with_a_warning() {
     .await;
     assert_eq!(fixed["z"], younger["z"], "the uncontested key keeps its port");
     assert_eq!(w.ready_ports("older").await, older, "the older object keeps the contested port");
-    let events = w.events("younger").await;
-    let warning =
-        events.iter().find(|(r, _)| r == "DuplicatePort").expect("a DuplicatePort event on the younger object");
-    assert!(warning.1.contains(&contested.to_string()), "the event names the port: {}", warning.1);
+    let warning = w.event("younger", "DuplicatePort").await;
+    assert!(warning.contains(&contested.to_string()), "the event names the port: {warning}");
     agent.stop().await.unwrap();
     w.cleanup().await;
 }

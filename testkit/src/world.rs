@@ -202,6 +202,15 @@ impl World {
             .collect()
     }
 
+    /// Waits for an event of `reason` on an object (events are published after the status
+    /// they describe) and returns its note.
+    pub async fn event(&self, name: &str, reason: &str) -> String {
+        eventually(&format!("a {reason} event on {name}"), Duration::from_secs(20), || async {
+            self.events(name).await.into_iter().find(|(r, _)| r == reason).map(|(_, note)| note)
+        })
+        .await
+    }
+
     /// Deletes the namespace (objects in it are deleted with it where a namespace
     /// controller runs; the local control plane has none, so delete objects first).
     pub async fn cleanup(self) {
