@@ -122,6 +122,11 @@ struct AgentArgs {
     /// Name of this agent in the events it records (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// Name of the node lock, an abstract Unix socket in the agent's network namespace:
+    /// of the agents sharing a name, one allocates and the others wait for it to go.
+    /// Default: portassign-agent/NODE_NAME.
+    #[arg(long, env = "PORTASSIGN_LOCK_NAME", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    lock_name: Option<String>,
     /// Log line format.
     #[arg(long, env = "PORTASSIGN_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
@@ -291,6 +296,7 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         concurrency: args.concurrency,
         listen: args.listen,
         instance: args.pod_name,
+        lock_name: args.lock_name,
     };
     let running = agent::start(client, config, Arc::new(SocketProbe::detect())).await.map_err(|e| e.to_string())?;
     let token = running.shutdown_token();

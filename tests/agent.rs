@@ -295,6 +295,7 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         concurrency: 1,
         listen: "127.0.0.1:0".parse().unwrap(),
         instance: None,
+        lock_name: None,
     };
     let agent = portassign::agent::start(
         client,

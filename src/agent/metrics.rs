@@ -26,6 +26,7 @@ pub struct Metrics {
     allocations: Counter,
     releases: Counter,
     invalid_objects: Counter,
+    standby: Gauge,
 }
 
 impl Default for Metrics {
@@ -47,6 +48,7 @@ impl Metrics {
         let allocations = Counter::default();
         let releases = Counter::default();
         let invalid_objects = Counter::default();
+        let standby = Gauge::default();
         let mut registry = Registry::with_prefix("portassign");
         registry.register("ports_assigned", "Ports held by keys on this node", ports_assigned.clone());
         registry.register("ports_free", "Ports of the range no key holds", ports_free.clone());
@@ -61,6 +63,11 @@ impl Metrics {
             "Reconciles of objects that could not be decoded",
             invalid_objects.clone(),
         );
+        registry.register(
+            "standby",
+            "1 while another agent holds this node's lock and this one waits without allocating",
+            standby.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ports_assigned,
@@ -72,6 +79,7 @@ impl Metrics {
             allocations,
             releases,
             invalid_objects,
+            standby,
         }
     }
 
@@ -99,6 +107,16 @@ impl Metrics {
     /// Counts an object that could not be decoded.
     pub fn invalid_object(&self) {
         self.invalid_objects.inc();
+    }
+
+    /// Marks the agent as waiting for another agent of its node to go (or not).
+    pub fn set_standby(&self, waiting: bool) {
+        self.standby.set(i64::from(waiting));
+    }
+
+    /// Whether the agent waits for another agent of its node to go.
+    pub fn standby(&self) -> bool {
+        self.standby.get() != 0
     }
 
     /// Sets the table gauges.

@@ -5,6 +5,7 @@
 //! - [`probe`]: checks a port is free on the node by binding it.
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
 //! - [`http`]: the HTTP server and the `/debug/table` document.
+//! - [`lock`]: the node lock that keeps a second agent of the node on standby.
 //! - [`metrics`]: the Prometheus metrics.
 
 use std::{
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub mod http;
+pub mod lock;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;
@@ -65,6 +67,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Name of this agent instance in events (the pod name in a cluster).
     pub instance: Option<String>,
+    /// Name of the node lock (default: [`lock::default_name`] of the node).
+    pub lock_name: Option<String>,
 }
 
 /// Failures that stop the agent.
@@ -161,6 +165,11 @@ async fn run(
     woken: mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<DeserializeGuard<PortAssignment>>>,
     shutdown: CancellationToken,
 ) {
+    // One agent per node: a second one waits here, reading and writing nothing, and
+    // starts from the statuses as at start once the first is gone.
+    let lock_name = config.lock_name.as_deref();
+    let instance = config.instance.as_deref();
+    let Some(lock) = lock::hold(&config.node_name, lock_name, instance, &ctx.metrics, &shutdown).await else { return };
     let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client.clone());
     let selector = node_selector(&config.node_name);
     let mut delay = Duration::from_millis(200);
@@ -170,7 +179,7 @@ async fn run(
             Err(error) => {
                 warn!(%error, "could not read this node's PortAssignments to rebuild the table; retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return lock.release().await,
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -205,6 +214,7 @@ async fn run(
         })
         .await;
     ready.store(false, Ordering::SeqCst);
+    lock.release().await;
     info!("agent stopped");
 }
 

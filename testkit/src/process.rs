@@ -33,9 +33,10 @@ pub fn free_port() -> u16 {
 }
 
 /// Environment variables that would change an agent's settings behind the test's back.
-const SETTINGS_ENV: [&str; 7] = [
+const SETTINGS_ENV: [&str; 8] = [
     "NODE_NAME",
     "POD_NAME",
+    "PORTASSIGN_LOCK_NAME",
     "PORTASSIGN_PORT_RANGE",
     "PORTASSIGN_CONCURRENCY",
     "PORTASSIGN_LISTEN",
@@ -146,6 +147,18 @@ impl Drop for Process {
     }
 }
 
+/// The node lock of the agents for `node` of the cluster `kubeconfig` reaches: the
+/// node's default lock name scoped by the cluster's address, so the control planes of
+/// tests running side by side on one machine (one network namespace, where the locks
+/// live) keep their nodes' locks apart even where they use the same node names.
+pub fn lock_name(kubeconfig: &Path, node: &str) -> String {
+    let server = kube::config::Kubeconfig::read_from(kubeconfig)
+        .ok()
+        .and_then(|k| k.clusters.first()?.cluster.as_ref()?.server.clone())
+        .unwrap_or_default();
+    format!("portassign-test/{server}/{}", portassign::agent::lock::default_name(node))
+}
+
 /// A `portassign agent` process for one node, reached at the address it was told to
 /// listen on.
 pub struct AgentProcess {
@@ -171,11 +184,14 @@ impl std::ops::DerefMut for AgentProcess {
 
 impl AgentProcess {
     /// An agent for `node` that authenticates with `kubeconfig` (a kit identity's, so the
-    /// chart's RBAC applies), listening on a free loopback port; not started yet.
+    /// chart's RBAC applies), listening on a free loopback port; not started yet. Agents
+    /// for one node of one cluster share its node lock (see [`lock_name`]).
     pub fn new(kubeconfig: &Path, node: &str) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let pod = format!("test-{node}");
-        let args = ["agent", "--node-name", node, "--listen", &addr.to_string(), "--pod-name", &pod];
+        let lock = lock_name(kubeconfig, node);
+        let args =
+            ["agent", "--node-name", node, "--listen", &addr.to_string(), "--pod-name", &pod, "--lock-name", &lock];
         AgentProcess {
             node: node.to_owned(),
             url: format!("http://{addr}"),
@@ -196,6 +212,16 @@ impl AgentProcess {
         args[at] = listen.to_string();
         self.process.prefix = prefix.iter().map(|s| s.to_string()).collect();
         self.url = format!("http://{reach}");
+        self
+    }
+
+    /// Names the agent `pod` in its events (default `test-NODE`) and logs to a file
+    /// named after it: for several agents of one node.
+    pub fn named(mut self, pod: &str) -> Self {
+        let args = &mut self.process.args;
+        let at = args.iter().position(|a| a == "--pod-name").expect("--pod-name is always set") + 1;
+        args[at] = pod.to_owned();
+        self.process.log = std::env::temp_dir().join(format!("portassign-agent-{pod}-{}.log", std::process::id()));
         self
     }
 

@@ -112,6 +112,7 @@ impl World {
             concurrency: 16,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance: Some(format!("test-{node}")),
+            lock_name: None,
         };
         let running = agent::start(self.agent_identity.client(), config, probe).await.expect("start agent");
         eventually("agent ready", Duration::from_secs(30), || async { running.is_ready().then_some(()) }).await;
