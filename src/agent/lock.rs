@@ -15,7 +15,10 @@
 
 use std::{
     io,
-    os::{linux::net::SocketAddrExt, unix::net::SocketAddr},
+    os::{
+        linux::net::SocketAddrExt,
+        unix::{ffi::OsStrExt, net::SocketAddr},
+    },
     time::{Duration, Instant},
 };
 
@@ -59,6 +62,21 @@ fn address(name: &str) -> io::Result<SocketAddr> {
     SocketAddr::from_abstract_name(socket_name(name))
 }
 
+/// The same address for `socket2` (a path that starts with a NUL byte is abstract).
+fn socket2_address(name: &str) -> io::Result<socket2::SockAddr> {
+    let path = [&[0u8][..], &socket_name(name)].concat();
+    socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(&path))
+}
+
+/// Connects to the holder of lock `name` without blocking (a blocking connect would
+/// wait while the holder's backlog is full).
+fn connect(name: &str) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&socket2_address(name)?)?;
+    UnixStream::from_std(socket.into())
+}
+
 /// How long a waiting agent gives the holder to say who it is.
 const HELLO_WAIT: Duration = Duration::from_secs(1);
 /// Pauses between attempts while the name is bound but nobody answers on it (between
@@ -94,9 +112,9 @@ pub struct NodeLock {
 
 impl NodeLock {
     /// Releases the lock and returns once its name is free.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
         self.stop.cancel();
-        let _ = (&mut { self }.task).await;
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -131,7 +149,11 @@ fn serve(listener: UnixListener, hello: String) -> NodeLock {
                 _ = token.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            let Ok((mut stream, _)) = accepted else { continue };
+            let Ok((mut stream, _)) = accepted else {
+                // Out of file descriptors, say: the waiter retries; do not spin.
+                tokio::time::sleep(MAX_PAUSE).await;
+                continue;
+            };
             let line = format!("{hello}\n");
             let done = connections.clone();
             tokio::spawn(async move {
@@ -168,12 +190,11 @@ pub async fn acquire(name: &str, hello: &str, mut waiting: impl FnMut(&Holder)) 
         if let Some(listener) = try_bind(name)? {
             return Ok(serve(listener, hello.to_owned()));
         }
-        match std::os::unix::net::UnixStream::connect_addr(&address(name)?) {
+        match connect(name) {
             Ok(stream) => {
                 refused_since = None;
                 pause = MIN_PAUSE;
-                stream.set_nonblocking(true)?;
-                let mut reader = BufReader::new(UnixStream::from_std(stream)?);
+                let mut reader = BufReader::new(stream);
                 let mut line = String::new();
                 match tokio::time::timeout(HELLO_WAIT, reader.read_line(&mut line)).await {
                     // The holder went before it said anything: try again at once.
@@ -187,7 +208,8 @@ pub async fn acquire(name: &str, hello: &str, mut waiting: impl FnMut(&Holder)) 
             }
             Err(_) => {
                 // Bound but not listening: the holder is going (its name outlives its
-                // connections by an instant), or the name is held by something else.
+                // connections by an instant), or the name is held by something else;
+                // or the holder's backlog is full.
                 let since = *refused_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= SILENT_HOLDER {
                     report(Holder::Silent);
@@ -287,13 +309,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_holder_that_never_answers_is_reported_silent_and_waited_for() {
+        let name = unique("mute");
+        // Listening, never accepting: connections wait in its backlog, nothing is said.
+        let mute = std::os::unix::net::UnixListener::bind_addr(&address(&name).unwrap()).unwrap();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let taker = name.clone();
+        let waiter = tokio::spawn(async move { acquire(&taker, "pid=4", |h| seen_tx.send(h.clone()).unwrap()).await });
+        let holder = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+        assert_eq!(holder, Holder::Silent);
+        assert!(!waiter.is_finished());
+        drop(mute);
+        let lock = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap();
+        lock.release().await;
+    }
+
+    #[tokio::test]
     async fn a_name_bound_by_a_silent_process_is_reported_and_waited_for() {
         let name = unique("silent");
         // A stream socket bound to the name, never listening: not an agent.
         let squatter = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
-        let path = [&[0u8][..], &socket_name(&name)].concat();
-        let path = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path);
-        squatter.bind(&socket2::SockAddr::unix(path).unwrap()).unwrap();
+        squatter.bind(&socket2_address(&name).unwrap()).unwrap();
         let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
         let taker = name.clone();
         let waiter = tokio::spawn(async move { acquire(&taker, "pid=3", |h| seen_tx.send(h.clone()).unwrap()).await });
