@@ -83,6 +83,8 @@ const HELLO_WAIT: Duration = Duration::from_secs(1);
 /// a holder's death and the name's release, or a program that is not an agent).
 const MIN_PAUSE: Duration = Duration::from_millis(1);
 const MAX_PAUSE: Duration = Duration::from_millis(100);
+/// Longest hello line read from a holder.
+const MAX_HELLO: u64 = 256;
 /// Refused this long, the name is held by something that does not answer: say so.
 const SILENT_HOLDER: Duration = Duration::from_millis(300);
 
@@ -102,6 +104,11 @@ impl std::fmt::Display for Holder {
             Holder::Silent => f.write_str("a process that does not answer on the lock"),
         }
     }
+}
+
+/// What a holder said, fit for a log line (it may not be an agent).
+fn printable(line: &[u8]) -> String {
+    String::from_utf8_lossy(line).trim().chars().filter(|c| !c.is_control()).collect()
 }
 
 /// A held node lock; released when [`NodeLock::release`]d, dropped, or the process dies.
@@ -193,15 +200,22 @@ pub async fn acquire(name: &str, hello: &str, mut waiting: impl FnMut(&Holder)) 
         match connect(name) {
             Ok(stream) => {
                 refused_since = None;
-                pause = MIN_PAUSE;
                 let mut reader = BufReader::new(stream);
-                let mut line = String::new();
-                match tokio::time::timeout(HELLO_WAIT, reader.read_line(&mut line)).await {
-                    // The holder went before it said anything: try again at once.
-                    Ok(Ok(0)) | Ok(Err(_)) => continue,
-                    Ok(Ok(_)) => report(Holder::Said(line.trim().to_owned())),
+                let mut line = Vec::new();
+                let mut limited = (&mut reader).take(MAX_HELLO);
+                match tokio::time::timeout(HELLO_WAIT, limited.read_until(b'\n', &mut line)).await {
+                    // The holder went before it said anything: try again shortly (a
+                    // process that closes every connection at once must not make this
+                    // loop spin).
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_PAUSE);
+                        continue;
+                    }
+                    Ok(Ok(_)) => report(Holder::Said(printable(&line))),
                     Err(_) => report(Holder::Silent),
                 }
+                pause = MIN_PAUSE;
                 // The connection ends when the holder goes.
                 let mut sink = [0u8; 64];
                 while !matches!(reader.read(&mut sink).await, Ok(0) | Err(_)) {}
@@ -282,6 +296,12 @@ mod tests {
         assert!(address(&long_a).is_ok());
         let exact = "x".repeat(MAX_NAME);
         assert_eq!(socket_name(&exact), exact.as_bytes());
+    }
+
+    #[test]
+    fn what_a_holder_says_is_logged_without_control_characters() {
+        assert_eq!(printable(b"pid=7 agent=portassign-x2k\n"), "pid=7 agent=portassign-x2k");
+        assert_eq!(printable(b"\x1b[2Jpid=7\r\xff\n"), "[2Jpid=7\u{fffd}");
     }
 
     #[tokio::test]
