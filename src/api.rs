@@ -157,6 +157,9 @@ pub mod reason {
     pub const PORT_CONFLICT: &str = "PortConflict";
     /// The node does not exist (any more): the janitor released the object's ports.
     pub const NODE_NOT_FOUND: &str = "NodeNotFound";
+    /// The agent's writes for the object keep failing; it retries with backoff (the
+    /// message quotes the API server).
+    pub const WRITE_FAILED: &str = "WriteFailed";
 }
 
 /// Reasons of the events recorded on PortAssignments.
@@ -175,6 +178,9 @@ pub mod event_reason {
     pub const PORT_CONFLICT: &str = super::reason::PORT_CONFLICT;
     /// The janitor released the object because its node is gone.
     pub const NODE_NOT_FOUND: &str = super::reason::NODE_NOT_FOUND;
+    /// The agent's writes for the object keep failing (recorded when the Ready condition
+    /// cannot say so, because the status write itself fails).
+    pub const WRITE_FAILED: &str = super::reason::WRITE_FAILED;
 }
 
 impl PortAssignment {

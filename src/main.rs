@@ -130,6 +130,23 @@ struct AgentArgs {
     /// Log line format.
     #[arg(long, env = "PORTASSIGN_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// Longest wait, in seconds, before a failed reconcile is retried. Failures back off
+    /// exponentially per object (from 0.2 s when transient, 1 s when refused) up to this.
+    #[arg(long, env = "PORTASSIGN_MAX_RETRY_DELAY", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    max_retry_delay: u64,
+    /// API writes per second the agent sustains at most (status, finalizer, events).
+    #[arg(long, env = "PORTASSIGN_WRITE_RATE", default_value_t = agent::throttle::DEFAULT_RATE, value_parser = parse_rate)]
+    write_rate: f64,
+    /// API writes the agent may make at once after a quiet spell, above --write-rate.
+    #[arg(long, env = "PORTASSIGN_WRITE_BURST", default_value_t = agent::throttle::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..))]
+    write_burst: u32,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a positive number of writes per second")),
+    }
 }
 
 #[tokio::main]
@@ -297,6 +314,8 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         listen: args.listen,
         instance: args.pod_name,
         lock_name: args.lock_name,
+        retry: agent::backoff::Policy::with_cap(std::time::Duration::from_secs(args.max_retry_delay)),
+        writes: agent::throttle::Rate { per_second: args.write_rate, burst: args.write_burst },
     };
     let running = agent::start(client, config, Arc::new(SocketProbe::detect())).await.map_err(|e| e.to_string())?;
     let token = running.shutdown_token();

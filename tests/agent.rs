@@ -296,6 +296,8 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         listen: "127.0.0.1:0".parse().unwrap(),
         instance: None,
         lock_name: None,
+        retry: Default::default(),
+        writes: Default::default(),
     };
     let agent = portassign::agent::start(
         client,

@@ -1,6 +1,9 @@
 //! Prometheus metrics of the agent, served as text on `/metrics`.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Instant,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -11,6 +14,12 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    kind: &'static str,
+    code: String,
 }
 
 /// The agent's metrics; cheap to clone.
@@ -27,6 +36,11 @@ pub struct Metrics {
     releases: Counter,
     invalid_objects: Counter,
     standby: Gauge,
+    writes: Counter,
+    writes_throttled: Counter,
+    write_throttle_wait: Counter<f64, AtomicU64>,
+    write_failures: Family<FailureLabels, Counter>,
+    objects_in_backoff: Gauge,
 }
 
 impl Default for Metrics {
@@ -49,6 +63,11 @@ impl Metrics {
         let releases = Counter::default();
         let invalid_objects = Counter::default();
         let standby = Gauge::default();
+        let writes = Counter::default();
+        let writes_throttled = Counter::default();
+        let write_throttle_wait = Counter::<f64, AtomicU64>::default();
+        let write_failures = Family::<FailureLabels, Counter>::default();
+        let objects_in_backoff = Gauge::default();
         let mut registry = Registry::with_prefix("portassign");
         registry.register("ports_assigned", "Ports held by keys on this node", ports_assigned.clone());
         registry.register("ports_free", "Ports of the range no key holds", ports_free.clone());
@@ -68,6 +87,27 @@ impl Metrics {
             "1 while another agent holds this node's lock and this one waits without allocating",
             standby.clone(),
         );
+        registry.register("writes", "API writes started (status, finalizer, events)", writes.clone());
+        registry.register(
+            "writes_throttled",
+            "API writes that waited for the write-rate limit (--write-rate, --write-burst)",
+            writes_throttled.clone(),
+        );
+        registry.register(
+            "write_throttle_wait_seconds",
+            "Time API writes spent waiting for the write-rate limit",
+            write_throttle_wait.clone(),
+        );
+        registry.register(
+            "write_failures",
+            "Failed reconciles by kind (transient: retried quickly; refused: backed off) and HTTP code (0: no response)",
+            write_failures.clone(),
+        );
+        registry.register(
+            "objects_in_backoff",
+            "Objects whose last reconcile failed, waiting to be retried",
+            objects_in_backoff.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ports_assigned,
@@ -80,6 +120,11 @@ impl Metrics {
             releases,
             invalid_objects,
             standby,
+            writes,
+            writes_throttled,
+            write_throttle_wait,
+            write_failures,
+            objects_in_backoff,
         }
     }
 
@@ -117,6 +162,25 @@ impl Metrics {
     /// Whether the agent waits for another agent of its node to go.
     pub fn standby(&self) -> bool {
         self.standby.get() != 0
+    }
+
+    /// Counts an API write about to start, which waited `throttled` for the rate limit.
+    pub fn write(&self, throttled: std::time::Duration) {
+        self.writes.inc();
+        if !throttled.is_zero() {
+            self.writes_throttled.inc();
+            self.write_throttle_wait.inc_by(throttled.as_secs_f64());
+        }
+    }
+
+    /// Counts a failed reconcile by kind (`transient`, `refused`) and HTTP code (0: none).
+    pub fn write_failure(&self, kind: &'static str, code: u16) {
+        self.write_failures.get_or_create(&FailureLabels { kind, code: code.to_string() }).inc();
+    }
+
+    /// Sets the number of objects in backoff.
+    pub fn set_in_backoff(&self, n: usize) {
+        self.objects_in_backoff.set(n as i64);
     }
 
     /// Sets the table gauges.

@@ -7,6 +7,8 @@
 //! - [`http`]: the HTTP server and the `/debug/table` document.
 //! - [`lock`]: the node lock that keeps a second agent of the node on standby.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`backoff`]: per-object retry delays after failed reconciles (sans-IO).
+//! - [`throttle`]: the token bucket that bounds the agent's write rate.
 
 use std::{
     collections::HashMap,
@@ -36,12 +38,14 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+pub mod backoff;
 pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod table;
+pub mod throttle;
 
 use self::{
     metrics::Metrics,
@@ -69,6 +73,10 @@ pub struct Config {
     pub instance: Option<String>,
     /// Name of the node lock (default: [`lock::default_name`] of the node).
     pub lock_name: Option<String>,
+    /// How failed reconciles are retried.
+    pub retry: backoff::Policy,
+    /// The bound on the agent's API write rate.
+    pub writes: throttle::Rate,
 }
 
 /// Failures that stop the agent.
@@ -140,6 +148,8 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics::new(),
         wake,
+        backoff: std::sync::Mutex::new(backoff::Tracker::new(config.retry)),
+        throttle: Arc::new(throttle::Throttle::new(config.writes)),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
@@ -208,6 +218,8 @@ async fn run(
             if let Err(error) = result {
                 match error {
                     kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                    // Logged by the error policy, once per backoff step rather than per retry.
+                    kube::runtime::controller::Error::ReconcilerFailed(..) => {}
                     error => warn!(%error, "controller"),
                 }
             }
@@ -239,6 +251,17 @@ async fn release_vanished(
         // only the last task that waited on it, and the controller waits on it too.
         if !matches!(futures::FutureExt::now_or_never(store.wait_until_ready()), Some(Ok(()))) {
             continue;
+        }
+        // Failure streaks of objects gone from the watch (deleted while backing off,
+        // before they held a port) end here.
+        let stale: Vec<ObjectId> = ctx
+            .backoff()
+            .objects()
+            .filter(|id| store.get(&kube::runtime::reflector::ObjectRef::new(&id.name).within(&id.namespace)).is_none())
+            .cloned()
+            .collect();
+        for id in stale {
+            ctx.end_backoff(&id, "object gone");
         }
         let held = ctx.table().object_ids();
         for id in held {

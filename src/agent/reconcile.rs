@@ -6,7 +6,11 @@
 //! durable. Memory is therefore always a superset of every status, and the statuses
 //! alone are enough to rebuild the table after a crash.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{
     api::core::v1::ObjectReference,
@@ -29,9 +33,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use super::{
+    backoff::{Failure, Tracker},
     metrics::Metrics,
     probe::PortProbe,
     table::{ObjectId, PortTable, Released, Reservation, Shortage},
+    throttle::Throttle,
 };
 use crate::api::{
     CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, event_reason, finalizer_removal_patch,
@@ -44,8 +50,9 @@ pub const FIELD_MANAGER: &str = "portassign-agent";
 /// How long an object short of ports waits before it retries on its own (it is also
 /// woken at once when a port on the node is released).
 const SHORTAGE_RETRY: Duration = Duration::from_secs(20);
-/// How long a failed reconcile waits before it is retried.
-const ERROR_RETRY: Duration = Duration::from_secs(2);
+/// Transient failures in a row after which the object's Ready condition (or an event)
+/// says why it waits; a refusal says so at its first failure.
+const TELL_TRANSIENT_AFTER: u32 = 5;
 
 /// What the reconciler shares across reconciles of one node.
 pub struct Context {
@@ -63,6 +70,10 @@ pub struct Context {
     pub metrics: Metrics,
     /// Asks the controller to reconcile objects again (those waiting for a port).
     pub wake: UnboundedSender<ObjectRef<DeserializeGuard<PortAssignment>>>,
+    /// Failure streaks of the objects in backoff.
+    pub backoff: std::sync::Mutex<Tracker>,
+    /// The bound on the agent's write rate; every API write takes a token first.
+    pub throttle: Arc<Throttle>,
 }
 
 impl Context {
@@ -70,6 +81,29 @@ impl Context {
     /// (each method finishes its bookkeeping before returning), so poisoning is ignored.
     pub fn table(&self) -> std::sync::MutexGuard<'_, PortTable> {
         self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Locks the backoff tracker (poisoning ignored, as for the table).
+    pub fn backoff(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.backoff.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until the write-rate limit lets one more API write start, and counts it.
+    pub async fn write_token(&self) {
+        let waited = self.throttle.acquire().await;
+        self.metrics.write(waited);
+    }
+
+    /// Ends `object`'s failure streak (it succeeded or is gone).
+    pub(crate) fn end_backoff(&self, object: &ObjectId, why: &str) {
+        let (ended, in_backoff) = {
+            let mut backoff = self.backoff();
+            (backoff.reset(object), backoff.len())
+        };
+        self.metrics.set_in_backoff(in_backoff);
+        if let Some(streak) = ended {
+            info!(object = %object, failures = streak.failures, after = ?streak.since.elapsed(), "{why}: backoff ended");
+        }
     }
 
     fn update_gauges(&self) {
@@ -85,6 +119,8 @@ impl Context {
     /// Publishes an event about the object `reference` points to.
     pub fn publish_on(&self, reference: ObjectReference, type_: EventType, reason: &str, note: String) {
         let recorder = self.recorder.clone();
+        let throttle = self.throttle.clone();
+        let metrics = self.metrics.clone();
         let event = Event {
             type_,
             reason: reason.into(),
@@ -93,6 +129,7 @@ impl Context {
             secondary: None,
         };
         tokio::spawn(async move {
+            metrics.write(throttle.acquire().await);
             if let Err(error) = recorder.publish(&event, &reference).await {
                 warn!(%error, "could not publish event");
             }
@@ -102,6 +139,7 @@ impl Context {
     /// Releases every port `object` holds, counts them and wakes objects waiting for a port.
     pub(crate) fn release_object(&self, object: &ObjectId) -> usize {
         let released = self.table().release_object(object);
+        self.end_backoff(object, "object gone");
         self.metrics.released(released.ports.len());
         self.wake_waiting(&released);
         released.ports.len()
@@ -139,6 +177,35 @@ pub enum Error {
 }
 
 impl Error {
+    /// The object whose reconcile failed.
+    pub fn object(&self) -> &ObjectId {
+        match self {
+            Error::WriteStatus { object, .. } | Error::Finalizer { object, .. } => object,
+        }
+    }
+
+    /// The API client error behind the failure, if one is.
+    fn api_error(&self) -> Option<&kube::Error> {
+        match self {
+            Error::WriteStatus { source, .. } => Some(source),
+            Error::Finalizer { source, .. } => match source.as_ref() {
+                finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Some(e),
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.api_error(),
+                _ => None,
+            },
+        }
+    }
+
+    /// How the failure is retried, the HTTP code (0 without a response) and what the
+    /// API server said (or why no answer came).
+    pub fn failure(&self) -> (Failure, u16, String) {
+        match self.api_error() {
+            Some(kube::Error::Api(status)) => (Failure::of_code(status.code), status.code, status.message.clone()),
+            Some(other) => (Failure::of(other), 0, other.to_string()),
+            None => (Failure::Refused, 0, self.to_string()),
+        }
+    }
+
     /// Short static label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -171,6 +238,12 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
     }
     let id = object.id();
     let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    // The finalizer helper patches the object when it adds the finalizer (not being
+    // deleted, finalizer missing) or removes it (being deleted, finalizer present).
+    let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
+    if object.metadata.deletion_timestamp.is_some() == has_finalizer {
+        ctx.write_token().await;
+    }
     let result = finalizer::finalizer(&api, FINALIZER, Arc::new(object.clone()), |event| async {
         match event {
             Finalizer::Apply(object) => apply(&object, &ctx).await,
@@ -179,10 +252,14 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
     })
     .await;
     ctx.update_gauges();
-    result.map_err(|source| match source {
+    let result = result.map_err(|source| match source {
         finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
-        source => Error::Finalizer { object: id, source: Box::new(source) },
-    })
+        source => Error::Finalizer { object: id.clone(), source: Box::new(source) },
+    });
+    if result.is_ok() {
+        ctx.end_backoff(&id, "reconcile succeeded");
+    }
+    result
 }
 
 /// Gives every key a port, records the result in the status, and only then releases
@@ -282,6 +359,7 @@ async fn reconcile_invalid(
     ctx.release_object(&id);
     let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
     let patch = finalizer_removal_patch(meta);
+    ctx.write_token().await;
     api.patch(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|source| Error::Finalizer {
         object: id,
         source: Box::new(finalizer::Error::RemoveFinalizer(source)),
@@ -289,11 +367,89 @@ async fn reconcile_invalid(
     Ok(Action::await_change())
 }
 
-/// Logs a failed reconcile and retries it shortly.
-pub fn error_policy(_object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Action {
-    warn!(%error, "reconcile failed; retrying");
+/// Schedules the retry of a failed reconcile after the object's backoff delay (see
+/// [`super::backoff`]), logs each new backoff step (not each retry), and says why the
+/// object waits where its owner looks: its Ready condition, or an event when the status
+/// write itself is what fails.
+pub fn error_policy(object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(error.label());
-    Action::requeue(ERROR_RETRY)
+    let (kind, code, message) = error.failure();
+    ctx.metrics.write_failure(kind.label(), code);
+    let id = error.object().clone();
+    let (retry, cap) = {
+        let mut backoff = ctx.backoff();
+        let retry = backoff.failed(&id, kind, &message, Instant::now(), fastrand::f64());
+        ctx.metrics.set_in_backoff(backoff.len());
+        (retry, backoff.policy().cap)
+    };
+    if retry.announce {
+        warn!(object = %id, kind = kind.label(), code, failures = retry.failures, retry_in = ?retry.delay,
+            capped = retry.capped, "{error}; retrying with backoff");
+    } else {
+        debug!(object = %id, failures = retry.failures, retry_in = ?retry.delay, "{error}; retrying");
+    }
+    let tell = match kind {
+        Failure::Refused => retry.new_situation,
+        Failure::Transient => retry.failures == TELL_TRANSIENT_AFTER,
+    };
+    if tell && let Ok(object) = &object.0 {
+        let object = object.clone();
+        let waiting = waiting_message(error, &message, cap);
+        let status_refused = matches!(error, Error::WriteStatus { .. });
+        tokio::spawn(async move { tell_waiting(&object, waiting, status_refused, &ctx).await });
+    }
+    Action::requeue(retry.delay)
+}
+
+/// What the object's owner reads about a failing write.
+fn waiting_message(error: &Error, api_message: &str, cap: Duration) -> String {
+    let what = match error {
+        Error::WriteStatus { .. } => "recording the ports in the status",
+        Error::Finalizer { .. } => "adding or removing the agent's finalizer",
+    };
+    let said = if api_message.is_empty() { "no answer" } else { api_message };
+    truncate(
+        format!(
+            "the agent's write failed ({what}): {said}; it retries with backoff, at least every {}s",
+            cap.as_secs()
+        ),
+        1000,
+    )
+}
+
+/// Says why `object` waits: in its Ready condition when the status can be written
+/// (the failing write was another one), else (or when that write fails too) in a
+/// Warning event. Called once per new failure (a first refusal, a different message,
+/// or a transient failure that persists), so it adds at most one write per streak.
+async fn tell_waiting(object: &PortAssignment, message: String, status_refused: bool, ctx: &Context) {
+    let id = object.id();
+    if !status_refused {
+        let previous = object.ready_condition();
+        if previous.is_some_and(|c| c.reason == reason::WRITE_FAILED && c.message == message) {
+            return;
+        }
+        let condition = Condition {
+            type_: CONDITION_READY.into(),
+            status: "False".into(),
+            reason: reason::WRITE_FAILED.into(),
+            message: message.clone(),
+            observed_generation: object.metadata.generation,
+            last_transition_time: match previous {
+                Some(c) if c.status == "False" => c.last_transition_time.clone(),
+                _ => Time(Timestamp::now()),
+            },
+        };
+        let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
+        let patch = json!({ "status": { "conditions": [condition] } });
+        ctx.write_token().await;
+        match api.patch_status(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(_) => return,
+            Err(error) => {
+                debug!(object = %id, %error, "could not write the Ready condition either; recording an event")
+            }
+        }
+    }
+    ctx.publish(object, EventType::Warning, event_reason::WRITE_FAILED, message);
 }
 
 /// The status that records `reservation`, keeping condition transition times stable.
@@ -353,6 +509,7 @@ async fn write_status(
 ) -> Result<(), kube::Error> {
     let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), object.namespace_or_default());
     let name = object.name_any();
+    ctx.write_token().await;
     let apply = json!({
         "apiVersion": PortAssignment::api_version(&()),
         "kind": PortAssignment::kind(&()),
@@ -363,6 +520,7 @@ async fn write_status(
     if stored_ports != status.ports {
         debug!(object = %name, "status holds entries of another field manager; replacing the list");
         let merge = json!({ "status": { "ports": status.ports } });
+        ctx.write_token().await;
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(merge)).await?;
     }
     Ok(())

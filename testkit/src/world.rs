@@ -106,15 +106,27 @@ impl World {
     /// Starts an in-process agent for `node` with `probe`, as the chart's ServiceAccount,
     /// and waits until it is ready.
     pub async fn agent_for(&self, node: &str, range: PortRange, probe: Arc<dyn PortProbe>) -> Running {
-        let config = agent::Config {
+        self.agent_as(&self.agent_identity, self.agent_config(node, range), probe).await
+    }
+
+    /// The settings of the kit's in-process agents for `node` (defaults otherwise).
+    pub fn agent_config(&self, node: &str, range: PortRange) -> agent::Config {
+        agent::Config {
             node_name: node.to_owned(),
             range,
             concurrency: 16,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance: Some(format!("test-{node}")),
             lock_name: None,
-        };
-        let running = agent::start(self.agent_identity.client(), config, probe).await.expect("start agent");
+            retry: agent::backoff::Policy::default(),
+            writes: agent::throttle::Rate::default(),
+        }
+    }
+
+    /// Starts an in-process agent with `config` and the real socket probe as `identity`
+    /// (a ServiceAccount of the kit, never the admin), and waits until it is ready.
+    pub async fn agent_as(&self, identity: &Identity, config: agent::Config, probe: Arc<dyn PortProbe>) -> Running {
+        let running = agent::start(identity.client(), config, probe).await.expect("start agent");
         eventually("agent ready", Duration::from_secs(30), || async { running.is_ready().then_some(()) }).await;
         running
     }
