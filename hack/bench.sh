@@ -4,7 +4,9 @@
 #   1. allocator: the port table + real probe vs the seed's algorithm (no control plane)
 #   2. cluster:   convergence and restart against a local etcd + kube-apiserver
 #                 (hack/control-plane.sh, torn down at the end), agent vs write floor
-#   3. report:    Markdown table(s) and the plot, every ratio computed from this run
+#   3. scale:     M agents (1, 10, 50, 100) on the same control plane, a relist storm
+#                 (API server restarted under 100 agents), refused status writes
+#   4. report:    Markdown table(s) and the plots, every ratio computed from this run
 #
 # The benchmarks are the workspace member portassign-bench (bench/). The agent the cluster
 # benchmark measures is the product's release build, made here first (cargo bench builds
@@ -12,7 +14,9 @@
 # the test kit finds, target/release/portassign, next to the bench binaries.
 # Raw results and every process's log are kept in target/bench/.
 # Environment: BENCH_SIZES (default 100,300,1000) objects per convergence run;
-# BENCH_RESTART_OBJECTS (default 2500, × 4 keys = 10,000 ports).
+# BENCH_RESTART_OBJECTS (default 2500, × 4 keys = 10,000 ports); BENCH_SCALE_AGENTS (default
+# 1,10,50,100), BENCH_SCALE_OBJECTS (default 1000) objects spread over them; BENCH_FAILING
+# (default 50,1000) objects per refused agent, watched for BENCH_FAILING_SECONDS (default 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Absolute paths: cargo runs each bench binary in its package's folder (bench/).
@@ -46,11 +50,15 @@ printf '%6.1f  %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "hack/control-plane.s
 run cargo bench --locked -p portassign-bench --bench cluster -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
   --logs "$out/logs" --sizes "${BENCH_SIZES:-100,300,1000}" \
   --restart-objects "${BENCH_RESTART_OBJECTS:-2500}" --out "$out/cluster.json"
+run cargo bench --locked -p portassign-bench --bench scale -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
+  --logs "$out/logs" --agents "${BENCH_SCALE_AGENTS:-1,10,50,100}" --objects "${BENCH_SCALE_OBJECTS:-1000}" \
+  --failing "${BENCH_FAILING:-50,1000}" --failing-seconds "${BENCH_FAILING_SECONDS:-150}" --out "$out/scale.json"
 hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true
 trap - EXIT
 printf '%6.1f  %s\n' 0 "hack/control-plane.sh down $cp_dir" >> "$commands"
 printf '%6d  %s\n' "$(( $(date +%s) - started ))" "(total before the report)" >> "$commands"
 
 cargo bench --locked -p portassign-bench --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
-  --commands "$commands" --md "$root/docs/benchmarks.md" --svg "$root/docs/convergence.svg"
+  --commands "$commands" --md "$root/docs/benchmarks.md" --svg "$root/docs/convergence.svg" \
+  --scale "$out/scale.json" --scale-svg "$root/docs/scale.svg"
 echo "make bench: done in $(( $(date +%s) - started ))s; see docs/benchmarks.md" >&2

@@ -4,8 +4,9 @@
 //!
 //! The refused agent runs as a ServiceAccount of its own, bound to a copy of the chart's
 //! agent ClusterRole with one permission taken out; "the permission returns" is a
-//! binding of that ServiceAccount to the chart's own ClusterRole. The rest of the chart's
-//! RBAC is untouched, so other tests sharing the API server are not affected.
+//! binding of that ServiceAccount to the chart's own ClusterRole (testkit `restricted`).
+//! The rest of the chart's RBAC is untouched, so other tests sharing the API server are
+//! not affected.
 //!
 //! The cap is 8 s here instead of the default 60 s so the test takes under a minute; the
 //! same claim at the default cap ("at most ~1 write per second after the first minute"
@@ -13,135 +14,15 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{
-    core::v1::ServiceAccount,
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
-};
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams},
-};
+use kube::{ResourceExt, api::PostParams};
 use portassign::{
     agent::{Running, backoff::Policy, http::get, probe::SocketProbe, throttle::Rate},
     api::{FINALIZER, reason},
 };
-use portassign_testkit::{Cluster, Identity, World, cluster::service_account_identity, eventually, port_block, unique};
+use portassign_testkit::{Cluster, World, eventually, port_block, restricted::Restricted};
 
-/// A ServiceAccount bound to the chart's agent ClusterRole minus `resource`'s rules, and
-/// how to give it the chart's full role back.
-struct Restricted {
-    identity: Identity,
-    name: String,
-    namespace: String,
-    chart_role: String,
-    client: Client,
-}
-
-impl Restricted {
-    async fn new(w: &World, without: &str) -> Restricted {
-        let cluster = Cluster::shared().await;
-        let client = w.client.clone();
-        let chart_sa = w.agent_identity.user.rsplit(':').next().expect("a ServiceAccount user name").to_owned();
-        let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-        let chart_role = bindings
-            .list(&Default::default())
-            .await
-            .expect("list ClusterRoleBindings")
-            .items
-            .into_iter()
-            .find(|b| {
-                b.subjects.iter().flatten().any(|s| {
-                    s.kind == "ServiceAccount"
-                        && s.name == chart_sa
-                        && s.namespace.as_deref() == Some(&w.system_namespace)
-                })
-            })
-            .map(|b| b.role_ref.name)
-            .expect("the chart binds a ClusterRole to the agent's ServiceAccount");
-        let roles: Api<ClusterRole> = Api::all(client.clone());
-        let role = roles.get(&chart_role).await.expect("the chart's agent ClusterRole");
-        let rules = role.rules.clone().unwrap_or_default();
-        // Every rule granting `patch` on `without` is split: the other resources keep
-        // their verbs, `without` keeps every verb but `patch`.
-        let mut kept = Vec::new();
-        for rule in rules {
-            let resources = rule.resources.clone().unwrap_or_default();
-            if !resources.iter().any(|r| r == without) || !rule.verbs.iter().any(|v| v == "patch") {
-                kept.push(rule);
-                continue;
-            }
-            let others: Vec<String> = resources.into_iter().filter(|r| r != without).collect();
-            if !others.is_empty() {
-                kept.push(PolicyRule { resources: Some(others), ..rule.clone() });
-            }
-            let verbs: Vec<String> = rule.verbs.iter().filter(|v| *v != "patch").cloned().collect();
-            if !verbs.is_empty() {
-                kept.push(PolicyRule { resources: Some(vec![without.to_owned()]), verbs, ..rule });
-            }
-        }
-        let rules = kept;
-        assert_ne!(Some(&rules), role.rules.as_ref(), "the chart's role grants patch on {without}");
-
-        let name = unique("refused-agent");
-        let namespace = w.system_namespace.clone();
-        let mut restricted = ClusterRole::default();
-        restricted.metadata.name = Some(name.clone());
-        restricted.rules = Some(rules);
-        roles.create(&PostParams::default(), &restricted).await.expect("create the restricted ClusterRole");
-        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-        let mut account = ServiceAccount::default();
-        account.metadata.name = Some(name.clone());
-        accounts.create(&PostParams::default(), &account).await.expect("create the ServiceAccount");
-        let this = Restricted { identity: w.agent_identity.clone(), name, namespace, chart_role, client };
-        this.bind(&this.name, &this.name).await;
-        let identity = service_account_identity(
-            &this.client,
-            cluster.kubeconfig(),
-            &std::env::temp_dir(),
-            &this.namespace,
-            &this.name,
-        )
-        .await
-        .expect("a token for the restricted ServiceAccount");
-        Restricted { identity, ..this }
-    }
-
-    async fn bind(&self, binding: &str, role: &str) {
-        let mut object = ClusterRoleBinding {
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "ClusterRole".into(),
-                name: role.into(),
-            },
-            subjects: Some(vec![Subject {
-                kind: "ServiceAccount".into(),
-                name: self.name.clone(),
-                namespace: Some(self.namespace.clone()),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        };
-        object.metadata.name = Some(binding.to_owned());
-        Api::<ClusterRoleBinding>::all(self.client.clone())
-            .create(&PostParams::default(), &object)
-            .await
-            .expect("create a ClusterRoleBinding");
-    }
-
-    /// Binds the ServiceAccount to the chart's own agent ClusterRole as well.
-    async fn grant_back(&self) {
-        self.bind(&format!("{}-granted", self.name), &self.chart_role).await;
-    }
-
-    async fn remove(self) {
-        let bindings: Api<ClusterRoleBinding> = Api::all(self.client.clone());
-        let _ = bindings.delete(&self.name, &DeleteParams::default()).await;
-        let _ = bindings.delete(&format!("{}-granted", self.name), &DeleteParams::default()).await;
-        let _ = Api::<ClusterRole>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await;
-        let _ = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace)
-            .delete(&self.name, &DeleteParams::default())
-            .await;
-    }
+async fn restricted(without: &str) -> Restricted {
+    Restricted::new(Cluster::shared().await, without).await.expect("a restricted agent identity")
 }
 
 /// The sum of a metric's samples whose label set contains every one of `labels`.
@@ -181,7 +62,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     const OBJECTS: usize = 50;
     let cap = Duration::from_secs(8);
     let w = World::new("refused").await;
-    let refused = Restricted::new(&w, "portassignments/status").await;
+    let refused = restricted("portassignments/status").await;
     let mut config = w.agent_config(&w.node, port_block(OBJECTS as u16));
     config.retry = Policy::with_cap(cap);
     config.concurrency = 64;
@@ -239,7 +120,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     );
 
     // The permission returns: every object Ready within the cap (plus RBAC's own delay).
-    refused.grant_back().await;
+    refused.grant_back().await.expect("grant the permission back");
     let granted = Instant::now();
     eventually("every object Ready after the grant", cap + Duration::from_secs(20), || async {
         all_ready(&w, OBJECTS).await.then_some(())
@@ -262,7 +143,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
 async fn a_refused_finalizer_is_explained_in_the_ready_condition() {
     let cap = Duration::from_secs(4);
     let w = World::new("nofinalizer").await;
-    let refused = Restricted::new(&w, "portassignments").await;
+    let refused = restricted("portassignments").await;
     let mut config = w.agent_config(&w.node, port_block(2));
     config.retry = Policy::with_cap(cap);
     let agent = w.agent_as(&refused.identity, config, std::sync::Arc::new(SocketProbe::detect())).await;
@@ -276,7 +157,7 @@ async fn a_refused_finalizer_is_explained_in_the_ready_condition() {
     assert!(condition.message.contains("finalizer"), "{}", condition.message);
     assert!(condition.message.contains("forbidden"), "the condition quotes the API: {}", condition.message);
 
-    refused.grant_back().await;
+    refused.grant_back().await.expect("grant the permission back");
     let ports = w.ready_ports("pool").await;
     assert_eq!(ports.len(), 1);
     agent.stop().await.unwrap();

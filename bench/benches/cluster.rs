@@ -28,6 +28,8 @@
 //! Run by `cargo test -p portassign-bench --benches` (no `--bench` argument) it does
 //! nothing: it needs the control plane `make bench` starts.
 
+#[path = "support/procfs.rs"]
+mod procfs;
 #[path = "support/results.rs"]
 mod results;
 
@@ -64,6 +66,7 @@ use portassign::{
     api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol},
 };
 use portassign_testkit::{AgentProcess, Identity, cluster::ensure_namespace, portassign_bin};
+use procfs::{cpu_seconds, proc_status_kib};
 use results::{Cluster, Convergence, Cpu, Percentiles, Restart, RestartRun, System};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -785,17 +788,6 @@ async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, u64>
     Ok(counts)
 }
 
-/// User + system CPU seconds of a process so far (0 when it cannot be read).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command name (which may hold spaces) start at field 3, `state`.
-    let Some((_, rest)) = stat.rsplit_once(") ") else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15; USER_HZ is 100 on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// CPU seconds all CPUs have spent busy (not idle, not waiting for I/O) since boot.
 fn machine_busy_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0.0 };
@@ -804,13 +796,4 @@ fn machine_busy_seconds() -> f64 {
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
     busy / 100.0
-}
-
-/// A `kB` line of `/proc/<pid>/status`, such as `VmHWM:` (0 when it cannot be read).
-fn proc_status_kib(pid: Option<u32>, field: &str) -> u64 {
-    pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix(field).and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        })
-        .unwrap_or(0)
 }

@@ -8,6 +8,8 @@
 
 #[path = "support/results.rs"]
 mod results;
+#[path = "support/scale.rs"]
+mod scale;
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, process::ExitCode};
 
@@ -31,7 +33,17 @@ fn main() -> ExitCode {
         let svg = need("--svg")?;
         let svg_name = svg.file_name().and_then(|n| n.to_str()).unwrap_or("convergence.svg").to_owned();
         plot(&cluster, &svg)?;
-        std::fs::write(&md, markdown(&allocator, &cluster, &commands, &svg_name))?;
+        // The scale section is optional (`--scale FILE --scale-svg FILE`).
+        let scale = match (value("--scale"), value("--scale-svg")) {
+            (Some(json), Some(svg)) => {
+                let measured: scale::Scale = results::read(&json)?;
+                scale::plot(&measured, &svg)?;
+                let name = svg.file_name().and_then(|n| n.to_str()).unwrap_or("scale.svg").to_owned();
+                Some((measured, name))
+            }
+            _ => None,
+        };
+        std::fs::write(&md, markdown(&allocator, &cluster, &commands, &svg_name, scale.as_ref()))?;
         println!("wrote {} and {}", md.display(), svg.display());
         Ok(())
     };
@@ -202,7 +214,7 @@ fn targets(a: &Allocator, c: &Cluster) -> Vec<Target> {
 // Markdown.
 // ----------------------------------------------------------------------------------
 
-fn markdown(a: &Allocator, c: &Cluster, commands: &str, svg: &str) -> String {
+fn markdown(a: &Allocator, c: &Cluster, commands: &str, svg: &str, scale: Option<&(scale::Scale, String)>) -> String {
     let mut md = String::new();
     let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap_or_default();
     let _ = writeln!(md, "# Benchmarks\n");
@@ -217,6 +229,9 @@ fn markdown(a: &Allocator, c: &Cluster, commands: &str, svg: &str) -> String {
     for t in targets(a, c) {
         let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, if t.met { "yes" } else { "**no**" });
     }
+    for (what, measured, met) in scale.map(|(s, _)| scale::targets(s)).unwrap_or_default() {
+        let _ = writeln!(md, "| {what} | {measured} | {} |", if met { "yes" } else { "**no**" });
+    }
 
     let _ = writeln!(md, "\n## Machine\n");
     let _ = writeln!(md, "{}", machine());
@@ -224,6 +239,9 @@ fn markdown(a: &Allocator, c: &Cluster, commands: &str, svg: &str) -> String {
     allocator_section(&mut md, a);
     convergence_section(&mut md, c, svg);
     restart_section(&mut md, c);
+    if let Some((s, svg)) = scale {
+        scale::section(&mut md, s, svg);
+    }
 
     let _ = writeln!(md, "## Commands\n");
     let _ = writeln!(

@@ -9,11 +9,13 @@
 //!   will likely succeed; if the failure persists the delay still grows to the cap.
 //! - **refused** (403, 422, 400, a webhook's denial, any other 4xx): the same request
 //!   will most likely be refused again, so the delay starts higher
-//!   ([`Policy::refused_base`]) and reaches the cap within about a minute.
+//!   ([`Policy::refused_base`]) and grows faster: 1 s, 4 s, 16 s, then the cap, which it
+//!   reaches about 20 s after the first refusal, so by the end of the first minute the
+//!   retries run at the cap's pace and have spread out.
 //!
-//! The delay of step `n` (0 for the first failure) is `min(cap, base × 2ⁿ)`, shortened by
-//! a random fraction of at most [`Policy::jitter`] so objects that failed together do
-//! not retry together. Jitter only ever shortens a delay: the cap is a true upper bound,
+//! The delay of step `n` (0 for the first failure) is `min(cap, base × factorⁿ)`
+//! (factor 2 for transient failures, 4 for refusals), shortened by a random fraction of
+//! at most [`Policy::jitter`] so objects that failed together do not retry together. Jitter only ever shortens a delay: the cap is a true upper bound,
 //! and with `N` objects failing for good the agent retries at most
 //! `N / (cap × (1 − jitter))` times a second.
 //!
@@ -76,6 +78,10 @@ pub struct Policy {
     pub transient_base: Duration,
     /// First delay after a refusal.
     pub refused_base: Duration,
+    /// Growth of the delay per transient failure in a row.
+    pub transient_factor: u32,
+    /// Growth of the delay per refusal in a row.
+    pub refused_factor: u32,
     /// No delay is longer than this.
     pub cap: Duration,
     /// Largest fraction (0 to 1) by which jitter shortens a delay.
@@ -90,6 +96,8 @@ impl Default for Policy {
         Policy {
             transient_base: Duration::from_millis(200),
             refused_base: Duration::from_secs(1),
+            transient_factor: 2,
+            refused_factor: 4,
             cap: DEFAULT_CAP,
             jitter: 0.2,
         }
@@ -111,13 +119,13 @@ impl Policy {
     /// The delay before retry number `step` (0-based) of a streak of `kind` failures,
     /// before jitter.
     pub fn nominal(&self, kind: Failure, step: u32) -> Duration {
-        let base = match kind {
-            Failure::Transient => self.transient_base,
-            Failure::Refused => self.refused_base,
+        let (base, factor) = match kind {
+            Failure::Transient => (self.transient_base, self.transient_factor),
+            Failure::Refused => (self.refused_base, self.refused_factor),
         };
-        // 2^31 × any base is far beyond any cap; saturate instead of overflowing.
-        let factor = 1u32.checked_shl(step.min(31)).unwrap_or(u32::MAX);
-        base.saturating_mul(factor).min(self.cap)
+        // Saturates instead of overflowing: far beyond any cap anyway.
+        let growth = factor.max(1).saturating_pow(step);
+        base.saturating_mul(growth).min(self.cap)
     }
 
     /// The delay before retry `step`, shortened by `unit` (in [0, 1)) × jitter.
@@ -246,14 +254,14 @@ mod tests {
     }
 
     #[test]
-    fn refusals_grow_to_the_cap_within_about_a_minute_and_reset_on_success() {
+    fn refusals_reach_the_cap_within_half_a_minute_and_reset_on_success() {
         let mut tracker = Tracker::new(Policy::default());
         let t0 = Instant::now();
         let a = id("a");
         let delays: Vec<u64> =
-            (0..9).map(|_| tracker.failed(&a, Failure::Refused, "forbidden", t0, 0.0).delay.as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(tracker.streak(&a).map(|s| s.failures), Some(9));
+            (0..6).map(|_| tracker.failed(&a, Failure::Refused, "forbidden", t0, 0.0).delay.as_secs()).collect();
+        assert_eq!(delays, [1, 4, 16, 60, 60, 60]);
+        assert_eq!(tracker.streak(&a).map(|s| s.failures), Some(6));
         assert!(tracker.reset(&a).is_some());
         assert!(tracker.is_empty());
         assert_eq!(tracker.failed(&a, Failure::Refused, "forbidden", t0, 0.0).delay, Duration::from_secs(1));
@@ -302,9 +310,9 @@ mod tests {
         let t0 = Instant::now();
         let a = id("a");
         let announced: Vec<bool> =
-            (0..6).map(|_| tracker.failed(&a, Failure::Refused, "forbidden", t0, 0.5).announce).collect();
-        // 1 s, 2 s, 4 s (cap), 4 s, 4 s, 4 s
-        assert_eq!(announced, [true, true, true, false, false, false]);
+            (0..5).map(|_| tracker.failed(&a, Failure::Refused, "forbidden", t0, 0.5).announce).collect();
+        // 1 s, 4 s (cap), 4 s, 4 s, 4 s
+        assert_eq!(announced, [true, true, false, false, false]);
         let changed = tracker.failed(&a, Failure::Refused, "denied by webhook", t0, 0.5);
         assert!(changed.announce && changed.new_situation);
         let again = tracker.failed(&a, Failure::Refused, "denied by webhook", t0, 0.5);
