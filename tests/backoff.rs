@@ -209,3 +209,41 @@ async fn writes_never_outrun_the_rate_limit() {
     agent.stop().await.unwrap();
     w.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_event_retries_at_once_whatever_the_backoff() {
+    let cap = Duration::from_secs(60);
+    let w = World::new("touched").await;
+    let refused = restricted("portassignments/status").await;
+    let mut config = w.agent_config(&w.node, port_block(2));
+    config.retry = Policy::with_cap(cap);
+    let agent = w.agent_as(&refused.identity, config, std::sync::Arc::new(SocketProbe::detect())).await;
+    w.create("pool", &["a"]).await;
+    // Refused at 0 s, 1 s and 5 s: the next retry is due 16 s later (12.8 s at least).
+    eventually("three refusals", Duration::from_secs(20), || async {
+        let refusals = metric_sum(&agent_metrics(&agent).await, "portassign_write_failures_total", &[]);
+        (refusals >= 3.0).then_some(())
+    })
+    .await;
+    let third = Instant::now();
+    refused.grant_back().await.expect("grant the permission back");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Someone edits the object: the watch event reconciles it at once.
+    let touch = serde_json::json!({ "metadata": { "labels": { "touched": "yes" } } });
+    w.api()
+        .patch("pool", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(touch))
+        .await
+        .expect("label the object");
+    let touched = Instant::now();
+    w.ready_ports("pool").await;
+    let waited = touched.elapsed();
+    assert!(
+        third.elapsed() < Duration::from_secs(12),
+        "Ready {:?} after the third refusal: no faster than the backoff itself",
+        third.elapsed()
+    );
+    eprintln!("Ready {waited:?} after the edit, {:?} after the third refusal", third.elapsed());
+    agent.stop().await.unwrap();
+    w.cleanup().await;
+    refused.remove().await;
+}

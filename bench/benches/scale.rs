@@ -316,7 +316,7 @@ async fn scale_run(bench: &mut Bench, m: usize, n: usize, storm: bool) -> anyhow
         apiserver_cpu_create_s: api1 - api0,
         apiserver_cpu_delete_s: (api3 - api2).max(0.0),
         // After a storm the restarted processes' counters start again at zero.
-        etcd_cpu_s: if storm.is_some() { 0.0 } else { etcd1 - etcd0 },
+        etcd_cpu_s: storm.is_none().then_some(etcd1 - etcd0),
         agents_cpu_s: agents1 - agents0,
         apiserver_idle_cores,
         apiserver_rss_mib: rss,

@@ -47,8 +47,9 @@ pub struct ScaleRun {
     pub apiserver_cpu_create_s: f64,
     /// kube-apiserver CPU seconds over the delete phase.
     pub apiserver_cpu_delete_s: f64,
-    /// etcd CPU seconds over both phases.
-    pub etcd_cpu_s: f64,
+    /// etcd CPU seconds over both phases (none when a relist storm restarted etcd
+    /// in between).
+    pub etcd_cpu_s: Option<f64>,
     /// CPU seconds of all the agents over both phases.
     pub agents_cpu_s: f64,
     /// kube-apiserver CPU per second with every agent connected and nothing to do,
@@ -211,7 +212,7 @@ pub fn section(md: &mut String, s: &Scale, svg: &str) {
     for r in &s.runs {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} s | {:.2} s{} | **{:.2}×** | {:.2} s | {:.2} ms | **{:.2}×** | {:.2} ms | {:.2} s | {:.2} s | {:.3} cores | {:.0} MiB |",
+            "| {} | {} | {:.2} s | {:.2} s{} | **{:.2}×** | {:.2} s | {:.2} ms | **{:.2}×** | {:.2} ms | {} | {:.2} s | {:.3} cores | {:.0} MiB |",
             r.agents,
             r.objects / r.agents.max(1),
             r.start_s,
@@ -222,7 +223,7 @@ pub fn section(md: &mut String, s: &Scale, svg: &str) {
             per_object_ms(r.apiserver_cpu_create_s, r.objects),
             ratio(r.apiserver_cpu_create_s, base.apiserver_cpu_create_s),
             per_object_ms(r.apiserver_cpu_delete_s, r.objects),
-            r.etcd_cpu_s,
+            r.etcd_cpu_s.map_or_else(|| "(restarted)".to_owned(), |s| format!("{s:.2} s")),
             r.agents_cpu_s,
             r.apiserver_idle_cores,
             r.apiserver_rss_mib,
