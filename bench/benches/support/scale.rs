@@ -198,7 +198,9 @@ pub fn section(md: &mut String, s: &Scale, svg: &str) {
         "The same {} objects × {} keys spread evenly over M nodes, one agent each; created by the bench (32 in \
          flight), then deleted with one delete-collection. CPU from `/proc/<pid>/stat` of kube-apiserver, etcd \
          and the agents, over each phase. **Idle** is kube-apiserver's CPU with the M agents connected and \
-         nothing to do, measured over 5 s before the creates: the price of M open watches.\n",
+         nothing to do, measured over 5 s before the creates: the price of M open watches. All M agents run \
+         on this machine next to the control plane and the bench, so with many agents their own CPU \
+         competes with the API server's for the same cores.\n",
         s.objects, s.keys
     );
     let _ = writeln!(md, "![API-server CPU per object and convergence time against M]({svg})\n");
@@ -275,6 +277,11 @@ pub fn section(md: &mut String, s: &Scale, svg: &str) {
         );
         let _ = writeln!(
             md,
+            "Time 0 is when the last create was answered (the objects of the smaller node were created first, so \
+             their first refusals, at 0, 1 and 5 s, may fall before it).\n"
+        );
+        let _ = writeln!(
+            md,
             "| objects | first 10 s | 10-60 s | after the first minute (60 s → end) | fixed 2 s retry | after ÷ fixed | all Ready after the grant |"
         );
         let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
@@ -294,6 +301,16 @@ pub fn section(md: &mut String, s: &Scale, svg: &str) {
                 ratio(after, old),
                 f.recovery_s
             );
+        }
+        let _ = writeln!(
+            md,
+            "\nAt the cap an object retries every 48 to 60 s (jitter only shortens), so objects refused together \
+             retry in waves of one write each, about a cap apart, and a window that is not a whole number of waves \
+             long counts one wave too many or too few. The refused writes counted so far, every 5 s (time: count):\n"
+        );
+        for f in &s.failure {
+            let series: Vec<String> = f.samples.iter().map(|(t, n)| format!("{t:.0}: {n:.0}")).collect();
+            let _ = writeln!(md, "- {} objects: {}", f.objects, series.join(", "));
         }
         let _ = writeln!(md);
     }
