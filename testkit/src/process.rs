@@ -33,10 +33,13 @@ pub fn free_port() -> u16 {
 }
 
 /// Environment variables that would change an agent's settings behind the test's back.
-const SETTINGS_ENV: [&str; 8] = [
+const SETTINGS_ENV: [&str; 11] = [
     "NODE_NAME",
     "POD_NAME",
     "PORTASSIGN_LOCK_NAME",
+    "PORTASSIGN_MAX_RETRY_DELAY",
+    "PORTASSIGN_WRITE_RATE",
+    "PORTASSIGN_WRITE_BURST",
     "PORTASSIGN_PORT_RANGE",
     "PORTASSIGN_CONCURRENCY",
     "PORTASSIGN_LISTEN",
