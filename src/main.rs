@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use portassign::{
     agent::{self, probe::SocketProbe},
-    api, checker, lookup,
+    api, checker, client, lookup,
     range::{DEFAULT_RANGE, PortRange, RangeError},
     telemetry::{self, LogFormat},
 };
@@ -33,6 +33,10 @@ enum Command {
     Janitor(JanitorArgs),
     /// Check every guarantee against the statuses and the agents' tables; exit 1 on a violation.
     Check(CheckArgs),
+    /// Get a port for a key on a node: prints it once the node's agent has assigned it.
+    Acquire(client::cli::AcquireArgs),
+    /// Release a key's port: removes what the key's acquire added.
+    Release(client::cli::ReleaseArgs),
 }
 
 #[derive(clap::Args)]
@@ -168,6 +172,8 @@ async fn main() -> ExitCode {
             run_lookup(lookup::Query::Port { port: args.port, node: args.node }, node, args.lookup).await
         }
         Command::Check(args) => run_check(args).await,
+        Command::Acquire(args) => client::cli::acquire(args).await,
+        Command::Release(args) => client::cli::release(args).await,
         Command::Janitor(args) => {
             telemetry::init(args.log_format);
             logged_exit(run_janitor(args).await)
