@@ -6,7 +6,9 @@
 #                 (hack/control-plane.sh, torn down at the end), agent vs write floor
 #   3. scale:     M agents (1, 10, 50, 100) on the same control plane, a relist storm
 #                 (API server restarted under 100 agents), refused status writes
-#   4. report:    Markdown table(s) and the plots, every ratio computed from this run
+#   4. acquire:   latency of getting a port (client API and a plain key vs a minimal
+#                 responder's floor), same control plane; its own section of the report
+#   5. report:    Markdown table(s) and the plots, every ratio computed from this run
 #
 # The benchmarks are the workspace member portassign-bench (bench/). The agent the cluster
 # benchmark measures is the product's release build, made here first (cargo bench builds
@@ -17,6 +19,7 @@
 # BENCH_RESTART_OBJECTS (default 2500, × 4 keys = 10,000 ports); BENCH_SCALE_AGENTS (default
 # 1,10,50,100), BENCH_SCALE_OBJECTS (default 1000) objects spread over them; BENCH_FAILING
 # (default 50,1000) objects per refused agent, watched for BENCH_FAILING_SECONDS (default 150).
+# BENCH_ACQUIRE_SAMPLES (default 200) acquires of each kind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Absolute paths: cargo runs each bench binary in its package's folder (bench/).
@@ -53,6 +56,8 @@ run cargo bench --locked -p portassign-bench --bench cluster -- --kubeconfig "$k
 run cargo bench --locked -p portassign-bench --bench scale -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
   --logs "$out/logs" --agents "${BENCH_SCALE_AGENTS:-1,10,50,100}" --objects "${BENCH_SCALE_OBJECTS:-1000}" \
   --failing "${BENCH_FAILING:-50,1000}" --failing-seconds "${BENCH_FAILING_SECONDS:-150}" --out "$out/scale.json"
+run cargo bench --locked -p portassign-bench --bench acquire -- --kubeconfig "$kubeconfig" \
+  --samples "${BENCH_ACQUIRE_SAMPLES:-200}" --out "$out/acquire.json" --md "$out/acquire.md"
 hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true
 trap - EXIT
 printf '%6.1f  %s\n' 0 "hack/control-plane.sh down $cp_dir" >> "$commands"
@@ -61,4 +66,5 @@ printf '%6d  %s\n' "$(( $(date +%s) - started ))" "(total before the report)" >>
 cargo bench --locked -p portassign-bench --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
   --commands "$commands" --md "$root/docs/benchmarks.md" --svg "$root/docs/convergence.svg" \
   --scale "$out/scale.json" --scale-svg "$root/docs/scale.svg"
+cat "$out/acquire.md" >> "$root/docs/benchmarks.md"
 echo "make bench: done in $(( $(date +%s) - started ))s; see docs/benchmarks.md" >&2

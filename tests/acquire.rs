@@ -311,13 +311,14 @@ async fn a_pool_of_another_node_is_refused_and_left_as_it_was() {
 /// shows, no caller's key may be lost (each holds one key for the whole run, whose port
 /// must never change) or left behind, and no call may fail (no conflict errors).
 ///
-/// Callers pause up to 5 s (fixed per caller and round) before each acquire and hold each
-/// port up to 1 s, as launchers starting sandboxes do: one object takes only so many
-/// writes a second, and fifty writers firing at the same instant again and again would
-/// measure only the API server's retries of writes that lost the race (docs/design.md).
+/// The callers belong to several launchers (independent clients, as separate processes
+/// would be), so writes of different launchers race at the API server; within one
+/// launcher the client sends its writes to a pool one at a time. Callers pause up to 1 s
+/// (fixed per caller and round) before each acquire and hold each port up to 0.5 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_callers_share_one_pool_without_losing_a_key() {
     const CALLERS: usize = 50;
+    const LAUNCHERS: usize = 5;
     const ROUNDS: usize = 3;
     let w = World::new("acq-many").await;
     let range = port_block(3 * CALLERS as u16);
@@ -327,25 +328,24 @@ async fn fifty_callers_share_one_pool_without_losing_a_key() {
     let api = Arc::new(w.api());
     let pause =
         |i: usize, round: usize, most: u64| Duration::from_millis((i as u64 * 7919 + round as u64 * 104_729) % most);
+    let launchers: Vec<PortClient> =
+        (0..LAUNCHERS).map(|_| PortClient::new(who.client(), &w.ns).timeout(Duration::from_secs(120))).collect();
     let started = std::time::Instant::now();
-    // One launcher process with fifty callers in it: they share the client's connection
-    // and its watch of the pool; each writes its own keys under their own field managers.
-    let launcher = PortClient::new(who.client(), &w.ns).timeout(Duration::from_secs(120));
     let mut tasks = Vec::new();
     for i in 0..CALLERS {
-        let ports = launcher.clone();
+        let ports = launchers[i % LAUNCHERS].clone();
         let (pool, api) = (pool.clone(), api.clone());
         tasks.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             let kept_key = format!("caller-{i}/kept");
-            tokio::time::sleep(pause(i, ROUNDS, 5000)).await;
+            tokio::time::sleep(pause(i, ROUNDS, 1000)).await;
             let kept = match ports.acquire(&pool, &kept_key).await {
                 Ok(a) => a.port,
                 Err(e) => return vec![format!("{kept_key}: {e}")],
             };
             for round in 0..ROUNDS {
                 let key = format!("caller-{i}/round-{round}");
-                tokio::time::sleep(pause(i, round, 5000)).await;
+                tokio::time::sleep(pause(i, round, 1000)).await;
                 match ports.acquire(&pool, &key).await {
                     Ok(a) => {
                         let object = api.get(&pool.name).await.expect("get pool");
@@ -366,7 +366,7 @@ async fn fifty_callers_share_one_pool_without_losing_a_key() {
                     }
                     Err(e) => failures.push(format!("{key}: {e}")),
                 }
-                tokio::time::sleep(pause(i, round + 1, 1000)).await;
+                tokio::time::sleep(pause(i, round + 1, 500)).await;
                 match ports.release(&pool.name, &key).await {
                     Ok(r) if r.removed && !r.still_listed => {}
                     Ok(r) => failures.push(format!("{key}: release did not remove it: {r:?}")),

@@ -395,6 +395,8 @@ pub struct PortClient {
     timeout: Duration,
     /// The pools this client watches for its waiting acquires, shared by its clones.
     follows: Arc<Mutex<HashMap<String, watch::Sender<Seen>>>>,
+    /// One lock per pool: this client's writes to a pool go out one at a time.
+    writes: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// The latest a pool's watch has seen.
@@ -432,6 +434,7 @@ impl PortClient {
             namespace: namespace.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             follows: Arc::default(),
+            writes: Arc::default(),
         }
     }
 
@@ -544,12 +547,22 @@ impl PortClient {
     /// configuration leaves out are removed if this manager alone set them.
     /// `None` applies a configuration without spec: the manager then owns nothing and its
     /// entry leaves `metadata.managedFields`.
+    ///
+    /// The writes of this client (and its clones) to one pool go out one at a time. The
+    /// API server applies the writes of one object one after another anyway, and makes a
+    /// write that lost the race start over: many writes of one object in flight at once
+    /// cost it far more than the same writes in a row (docs/design.md §8).
     async fn apply(
         &self,
         pool: &str,
         manager: &str,
         spec: Option<serde_json::Value>,
     ) -> Result<PortAssignment, kube::Error> {
+        let lock = {
+            let mut writes = self.writes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            writes.entry(pool.to_owned()).or_default().clone()
+        };
+        let _turn = lock.lock().await;
         let mut body = json!({
             "apiVersion": PortAssignment::api_version(&()),
             "kind": PortAssignment::kind(&()),
