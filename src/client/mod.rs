@@ -551,7 +551,7 @@ impl PortClient {
     /// The writes of this client (and its clones) to one pool go out one at a time. The
     /// API server applies the writes of one object one after another anyway, and makes a
     /// write that lost the race start over: many writes of one object in flight at once
-    /// cost it far more than the same writes in a row (docs/design.md §8).
+    /// cost it far more than the same writes in a row (docs/design.md §9).
     async fn apply(
         &self,
         pool: &str,
