@@ -326,7 +326,7 @@ async fn measure(
 fn section(r: &Results, samples: usize) -> String {
     let mut md = String::new();
     let floor = r.floor.p50();
-    let _ = writeln!(md, "\n## 4. Getting a port: acquire latency\n");
+    let _ = writeln!(md, "\n## 5. Getting a port: acquire latency\n");
     let _ = writeln!(
         md,
         "One key at a time on a warm pool (the pool exists, the agent's finalizer is on, a standing key holds a \
