@@ -45,6 +45,8 @@ step "unit, property, integration, chart and end-to-end tests (local provider)"
 # The e2e crate runs the binary as a process and as the kubectl plugin: build it first.
 cargo build --locked --bin portassign
 PORTASSIGN_E2E_KUBECONFIG=$PORTASSIGN_TEST_KUBECONFIG cargo test --workspace --all-targets --locked
+# --all-targets leaves out the documentation's examples (the client's is compiled here).
+cargo test --workspace --doc --locked
 
 if [ "${SKIP_KIND:-}" = 1 ]; then
   step "kind stage SKIPPED (SKIP_KIND=1): this run does not count as a pass"
