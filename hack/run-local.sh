@@ -45,9 +45,18 @@ say "Installing the CRD"
 kubectl wait --for condition=established --timeout=60s crd/portassignments.portassign.io >/dev/null
 
 listen=${PORTASSIGN_LISTEN:-127.0.0.1:9477}
+# On a node, /metrics and /debug/table need a bearer token the API server accepts for a
+# user allowed to get them. Here, on loopback only, they are left open so curl can read
+# them; on any other address the token stays required (see "Reading the table" below).
+auth_args=()
+read_with=""
+case "${listen%:*}" in
+  127.0.0.1|localhost|\[::1\]) auth_args=(--disable-http-auth) ;;
+  *) read_with=' -H "Authorization: Bearer $(kubectl create token SERVICEACCOUNT)"' ;;
+esac
 say "Starting the agent for node $node (logs: .local/agent.log)"
 mkdir -p .local
-"$bin" agent --node-name "$node" --listen "$listen" >.local/agent.log 2>&1 &
+"$bin" agent --node-name "$node" --listen "$listen" "${auth_args[@]}" >.local/agent.log 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
   curl -fsS "http://$listen/readyz" >/dev/null 2>&1 && break
@@ -68,7 +77,9 @@ The agent is running. In another terminal:
   alias kubectl=$kubectl_dir/kubectl
   kubectl get pa -A                 # objects, keys wanted/assigned, Ready
   kubectl describe pa sandbox-pool  # ports, conditions, events
-  curl -s localhost:${listen##*:}/metrics | grep portassign_
+  curl -s$read_with http://$listen/metrics | grep portassign_
+  curl -s$read_with http://$listen/debug/table   # the agent's port table (JSON)
+  $bin check --agent http://$listen   # statuses vs the agent's table
 Edit spec.keys (kubectl edit pa ...) and watch ports come and go.
 
 Get a port from a program (README, "Getting a port from a program"):

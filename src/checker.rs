@@ -138,6 +138,45 @@ pub fn check(
     violations
 }
 
+/// The bearer token `portassign check` shows the agents for `/debug/table`: the contents
+/// of `token_file` if given, else the token of the kubeconfig's user (a `token` or
+/// `tokenFile` entry, or the pod's ServiceAccount token in a cluster). A user who
+/// authenticates with a client certificate, an exec plugin or an auth provider has no
+/// token to show; then the error says so and how to get one (no token is minted).
+pub fn caller_token(config: &kube::Config, token_file: Option<&std::path::Path>) -> Result<String, String> {
+    use secrecy::ExposeSecret;
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))
+            .and_then(|t| if t.is_empty() { Err(format!("the token file {} is empty", path.display())) } else { Ok(t) })
+    };
+    if let Some(path) = token_file {
+        return read(path);
+    }
+    let auth = &config.auth_info;
+    if let Some(token) = &auth.token {
+        return Ok(token.expose_secret().trim().to_owned());
+    }
+    if let Some(path) = &auth.token_file {
+        return read(std::path::Path::new(path));
+    }
+    let how = if auth.client_certificate.is_some() || auth.client_certificate_data.is_some() {
+        "a client certificate"
+    } else if auth.exec.is_some() {
+        "an exec plugin"
+    } else if auth.auth_provider.is_some() {
+        "an auth provider"
+    } else {
+        "no credentials"
+    };
+    Err(format!(
+        "the agents' /debug/table needs a bearer token, and the kubeconfig's user authenticates with {how}: \
+         pass --token-file FILE with a token of an identity allowed to get /debug/table, for example \
+         `kubectl create token SERVICEACCOUNT > FILE` for a ServiceAccount bound to the chart's table-reader ClusterRole"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

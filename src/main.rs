@@ -72,6 +72,12 @@ struct CheckArgs {
     /// Do not require every object to be reconciled at its current generation.
     #[arg(long)]
     unsettled: bool,
+    /// File holding the bearer token shown to the agents for /debug/table (default: the
+    /// kubeconfig user's token). Needed when the kubeconfig authenticates otherwise
+    /// (client certificate, exec plugin): e.g. the output of `kubectl create token SA`
+    /// for a ServiceAccount bound to the chart's table-reader ClusterRole.
+    #[arg(long, env = "PORTASSIGN_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
 }
 
 fn parse_node_range(text: &str) -> Result<(String, PortRange), String> {
@@ -144,6 +150,13 @@ struct AgentArgs {
     /// API writes the agent may make at once after a quiet spell, above --write-rate.
     #[arg(long, env = "PORTASSIGN_WRITE_BURST", default_value_t = agent::throttle::DEFAULT_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     write_burst: u32,
+    /// Serve /metrics and /debug/table to anyone, without a token (for a local run only:
+    /// on a node the port is reachable by everything that reaches the node).
+    #[arg(long, env = "PORTASSIGN_DISABLE_HTTP_AUTH")]
+    disable_http_auth: bool,
+    /// Most HTTP connections open at once; past it the oldest is closed.
+    #[arg(long, env = "PORTASSIGN_HTTP_MAX_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    http_max_connections: u16,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -212,10 +225,24 @@ fn parse() -> Cli {
 
 /// Runs the invariant checker once and prints every violation.
 async fn run_check(args: CheckArgs) -> ExitCode {
-    let client = match kube::Client::try_default().await {
-        Ok(client) => client,
+    let config = match kube::Config::infer().await {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("error: no Kubernetes client configuration ({e}): set KUBECONFIG");
+            return ExitCode::from(2);
+        }
+    };
+    // Without a token the agents answer 401, unless their authentication is off (a local
+    // run): say why up front, and ask them anyway.
+    let token = if args.agents.is_empty() {
+        None
+    } else {
+        checker::caller_token(&config, args.token_file.as_deref()).map_err(|e| eprintln!("warning: {e}")).ok()
+    };
+    let client = match kube::Client::try_from(config) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: cannot build a Kubernetes client: {e}");
             return ExitCode::from(2);
         }
     };
@@ -228,7 +255,7 @@ async fn run_check(args: CheckArgs) -> ExitCode {
     };
     let mut tables = Vec::new();
     for agent in &args.agents {
-        match checker::fetch_table(agent).await {
+        match checker::fetch_table(agent, token.as_deref()).await {
             Ok(table) => tables.push(table),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -322,6 +349,11 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         lock_name: args.lock_name,
         retry: agent::backoff::Policy::with_cap(std::time::Duration::from_secs(args.max_retry_delay)),
         writes: agent::throttle::Rate { per_second: args.write_rate, burst: args.write_burst },
+        http: agent::server::HttpOptions {
+            authenticate: !args.disable_http_auth,
+            max_connections: args.http_max_connections.into(),
+            ..Default::default()
+        },
     };
     let running = agent::start(client, config, Arc::new(SocketProbe::detect())).await.map_err(|e| e.to_string())?;
     let token = running.shutdown_token();

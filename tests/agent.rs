@@ -11,7 +11,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use portassign::{
-    agent::http::{fetch_table, get},
+    agent::http::{fetch_table, get, get_with},
     api::{FINALIZER, Protocol},
 };
 use portassign_testkit::{World, eventually, keys, port_block, ports_of, ready_reason};
@@ -43,7 +43,9 @@ async fn create_gives_every_key_a_unique_port_in_range() {
     let status = object.status.unwrap();
     assert_eq!((status.key_count, status.assigned_count), (3, 3));
     w.event("pool", "Assigned").await;
-    let (code, metrics) = get(&format!("http://{}/metrics", agent.http_addr)).await.expect("GET /metrics");
+    let token = w.reader_identity.token();
+    let (code, metrics) =
+        get_with(&format!("http://{}/metrics", agent.http_addr), Some(&token)).await.expect("GET /metrics");
     assert_eq!(code, 200);
     assert!(metrics.lines().any(|l| l == "portassign_ports_assigned 3"), "gauge of assigned ports:\n{metrics}");
     assert!(metrics.contains(&format!("portassign_ports_free {}", range.len() - 3)));
@@ -175,7 +177,9 @@ async fn restart_keeps_every_port_and_allocates_only_after_the_rebuild() {
         }
     }
     assert_unique_in(&all, range);
-    let table = fetch_table(&format!("http://{}", agent.http_addr)).await.expect("the agent's table");
+    let table = fetch_table(&format!("http://{}", agent.http_addr), Some(&w.reader_identity.token()))
+        .await
+        .expect("the agent's table");
     assert_eq!(table.ports.len(), all.len(), "memory holds exactly the statuses' ports");
     agent.stop().await.unwrap();
     w.cleanup().await;
@@ -298,6 +302,7 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         lock_name: None,
         retry: Default::default(),
         writes: Default::default(),
+        http: Default::default(),
     };
     let agent = portassign::agent::start(
         client,
@@ -330,8 +335,9 @@ async fn ports_of_an_object_deleted_without_its_cleanup_are_released() {
     w.force_delete("forced").await;
 
     let base = format!("http://{}", agent.http_addr);
+    let token = w.reader_identity.token();
     eventually("the vanished object's ports released", Duration::from_secs(20), || async {
-        fetch_table(&base).await.ok().filter(|t| t.ports.is_empty()).map(|_| ())
+        fetch_table(&base, Some(&token)).await.ok().filter(|t| t.ports.is_empty()).map(|_| ())
     })
     .await;
     // The whole range again, for another object.

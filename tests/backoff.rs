@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kube::{ResourceExt, api::PostParams};
 use portassign::{
-    agent::{Running, backoff::Policy, http::get, probe::SocketProbe, throttle::Rate},
+    agent::{Running, backoff::Policy, http::get_with, probe::SocketProbe, throttle::Rate},
     api::{FINALIZER, reason},
 };
 use portassign_testkit::{Cluster, World, eventually, port_block, restricted::Restricted};
@@ -42,12 +42,14 @@ fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 /// the rate limit right before it is sent), not by the backoff code under test. The API
 /// server cannot give this figure: requests RBAC refuses are rejected before its
 /// `apiserver_request_total` counts them.
-async fn writes(agent: &Running) -> f64 {
-    metric_sum(&agent_metrics(agent).await, "portassign_writes_total", &[])
+async fn writes(w: &World, agent: &Running) -> f64 {
+    metric_sum(&agent_metrics(w, agent).await, "portassign_writes_total", &[])
 }
 
-async fn agent_metrics(agent: &Running) -> String {
-    let (code, text) = get(&format!("http://{}/metrics", agent.http_addr)).await.expect("GET the agent's /metrics");
+/// The agent's `/metrics`, read as the world's reader.
+async fn agent_metrics(w: &World, agent: &Running) -> String {
+    let url = format!("http://{}/metrics", agent.http_addr);
+    let (code, text) = get_with(&url, Some(&w.reader_identity.token())).await.expect("GET the agent's /metrics");
     assert_eq!(code, 200);
     text
 }
@@ -68,7 +70,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     config.concurrency = 64;
     let agent = w.agent_as(&refused.identity, config, std::sync::Arc::new(SocketProbe::detect())).await;
 
-    let start_count = writes(&agent).await;
+    let start_count = writes(&w, &agent).await;
     let start = Instant::now();
     for i in 0..OBJECTS {
         w.create(&format!("o{i}"), &["k"]).await;
@@ -89,12 +91,12 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     // Warm-up: two caps, long enough for every object to reach the cap.
     let warmup = 2 * cap;
     tokio::time::sleep(warmup.saturating_sub(start.elapsed())).await;
-    let at_warmup = writes(&agent).await;
+    let at_warmup = writes(&w, &agent).await;
     let early_rate = (at_warmup - start_count) / start.elapsed().as_secs_f64();
     let window = Duration::from_secs(20);
     let window_start = Instant::now();
     tokio::time::sleep(window).await;
-    let at_end = writes(&agent).await;
+    let at_end = writes(&w, &agent).await;
     let late_rate = (at_end - at_warmup) / window_start.elapsed().as_secs_f64();
 
     // At the cap each object retries every (1 − jitter) × cap to cap.
@@ -108,7 +110,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     assert!(late_rate < 0.7 * early_rate, "the rate decays: {early_rate:.1}/s, then {late_rate:.1}/s");
 
     // The agent's metrics show it: every object in backoff, failures counted by kind and code.
-    let metrics = agent_metrics(&agent).await;
+    let metrics = agent_metrics(&w, &agent).await;
     assert_eq!(metric_sum(&metrics, "portassign_objects_in_backoff", &[]), OBJECTS as f64, "{metrics}");
     let refusals = metric_sum(&metrics, "portassign_write_failures_total", &[r#"kind="refused""#, r#"code="403""#]);
     // Writes since the start: one finalizer patch and one event per object, the rest
@@ -130,7 +132,7 @@ async fn refused_status_writes_back_off_to_objects_over_cap_and_recover_within_t
     eprintln!("all {OBJECTS} Ready {recovered:?} after the grant (cap {cap:?})");
     assert!(recovered <= cap + Duration::from_secs(3), "recovery took {recovered:?}, cap {cap:?}");
     eventually("no object in backoff", Duration::from_secs(10), || async {
-        (metric_sum(&agent_metrics(&agent).await, "portassign_objects_in_backoff", &[]) == 0.0).then_some(())
+        (metric_sum(&agent_metrics(&w, &agent).await, "portassign_objects_in_backoff", &[]) == 0.0).then_some(())
     })
     .await;
 
@@ -192,7 +194,7 @@ async fn writes_never_outrun_the_rate_limit() {
     // Sample the agent's own count of writes started: never above burst + rate × elapsed.
     let mut samples = 0;
     while !all_ready(&w, OBJECTS).await {
-        let writes = metric_sum(&agent_metrics(&agent).await, "portassign_writes_total", &[]);
+        let writes = metric_sum(&agent_metrics(&w, &agent).await, "portassign_writes_total", &[]);
         let allowed = f64::from(rate.burst) + rate.per_second * start.elapsed().as_secs_f64();
         assert!(writes <= allowed, "{writes} writes after {:?}: more than {allowed}", start.elapsed());
         samples += 1;
@@ -203,7 +205,7 @@ async fn writes_never_outrun_the_rate_limit() {
     // Each object needs at least two writes (finalizer, status): the limit must show.
     let floor = (2.0 * OBJECTS as f64 - f64::from(rate.burst)) / rate.per_second;
     assert!(elapsed.as_secs_f64() >= floor, "converged in {elapsed:?}, faster than the limit allows ({floor:.1} s)");
-    let metrics = agent_metrics(&agent).await;
+    let metrics = agent_metrics(&w, &agent).await;
     assert!(metric_sum(&metrics, "portassign_writes_throttled_total", &[]) > 0.0, "{metrics}");
     assert!(samples > 3, "sampled the write count {samples} times");
     agent.stop().await.unwrap();
@@ -221,7 +223,7 @@ async fn a_watch_event_retries_at_once_whatever_the_backoff() {
     w.create("pool", &["a"]).await;
     // Refused at 0 s, 1 s and 5 s: the next retry is due 16 s later (12.8 s at least).
     eventually("three refusals", Duration::from_secs(20), || async {
-        let refusals = metric_sum(&agent_metrics(&agent).await, "portassign_write_failures_total", &[]);
+        let refusals = metric_sum(&agent_metrics(&w, &agent).await, "portassign_write_failures_total", &[]);
         (refusals >= 3.0).then_some(())
     })
     .await;

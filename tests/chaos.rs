@@ -177,7 +177,7 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
         let objects = api.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
         let mut tables = Vec::new();
         for agent in &agents {
-            tables.push(checker::fetch_table(&agent.url).await.expect("agent table"));
+            tables.push(checker::fetch_table(&agent.url, Some(&plane.reader.token())).await.expect("agent table"));
         }
         let mut violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
         for o in &objects {
@@ -222,7 +222,7 @@ async fn no_port_is_lost_or_leaked_when_agents_and_the_api_server_crash() {
     })
     .await;
     for agent in &agents {
-        let table = checker::fetch_table(&agent.url).await.expect("agent table");
+        let table = checker::fetch_table(&agent.url, Some(&plane.reader.token())).await.expect("agent table");
         assert!(
             table.ports.is_empty(),
             "agent {} still holds {:?} after every object was deleted",

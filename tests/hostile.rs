@@ -199,7 +199,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     w.gone("forced").await;
     let url = format!("http://{}", agent.http_addr);
     eventually("force-deleted object's ports released", Duration::from_secs(20), || async {
-        let table = checker::fetch_table(&url).await.ok()?;
+        let table = checker::fetch_table(&url, Some(&w.reader_identity.token())).await.ok()?;
         table.ports.iter().all(|e| !forced.values().any(|p| *p == e.port)).then_some(())
     })
     .await;
@@ -288,7 +288,7 @@ async fn hostile_input_is_rejected_or_handled_without_losing_a_port() {
     let expect = Expectations { ranges: [(w.node.clone(), range)].into_iter().collect(), ..Default::default() };
     let started = std::time::Instant::now();
     let violations = loop {
-        let table = checker::fetch_table(&url).await.unwrap();
+        let table = checker::fetch_table(&url, Some(&w.reader_identity.token())).await.unwrap();
         let objects: Vec<_> = w.api().list(&Default::default()).await.unwrap().items;
         let objects: Vec<_> = objects.into_iter().filter(|o| o.spec.node_name == w.node).collect();
         let violations = checker::check(&objects, &[table], &expect, k8s_openapi::jiff::Timestamp::now());

@@ -178,7 +178,7 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
     // Each agent holds only its own node's objects, and memory agrees with the statuses.
     let mut tables = Vec::new();
     for (i, agent) in agents.iter().enumerate() {
-        let table = checker::fetch_table(&agent.url).await.expect("agent table");
+        let table = checker::fetch_table(&agent.url, Some(&plane.reader.token())).await.expect("agent table");
         let names: Vec<&str> = table.ports.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, vec![format!("pool-{i}")], "agent of node {i} holds only its node's objects");
         tables.push(table);

@@ -9,9 +9,10 @@ use k8s_openapi::api::authorization::v1::{
 use kube::{Api, api::PostParams};
 use portassign_testkit::{Cluster, Identity};
 
-/// One row of the proof: may `who` do `verb` on `resource` (`group/resource[/sub]`) in
-/// `namespace` (`*` for all namespaces, `-` for a cluster-scoped resource), optionally
-/// on one object `name`?
+/// One row of the proof: may `who` do `verb` on `resource` (`group/resource[/sub]`, or
+/// `url:/PATH` for a non-resource URL such as the agents' `/metrics`) in `namespace`
+/// (`*` for all namespaces, `-` for a cluster-scoped resource or a URL), optionally on
+/// one object `name`?
 struct Row {
     verb: &'static str,
     resource: &'static str,
@@ -32,6 +33,10 @@ const PA: &str = "portassign.io/portassignments";
 const PA_STATUS: &str = "portassign.io/portassignments/status";
 const EVENTS: &str = "events.k8s.io/events";
 const LEASES: &str = "coordination.k8s.io/leases";
+const TOKEN_REVIEWS: &str = "authentication.k8s.io/tokenreviews";
+const ACCESS_REVIEWS: &str = "authorization.k8s.io/subjectaccessreviews";
+const METRICS: &str = "url:/metrics";
+const TABLE: &str = "url:/debug/table";
 
 /// What the agent calls, and a sample of what it must not be able to do. `SYS` stands
 /// for the chart's namespace, `ANY` for an application namespace.
@@ -44,6 +49,12 @@ fn agent_rows() -> Vec<Row> {
         can("patch", PA_STATUS, "*"),
         can("create", EVENTS, "ANY"),
         can("patch", EVENTS, "ANY"),
+        // Guard /metrics and /debug/table: whose is a token, may that user get the path.
+        can("create", TOKEN_REVIEWS, "-"),
+        can("create", ACCESS_REVIEWS, "-"),
+        cannot("create", "authorization.k8s.io/localsubjectaccessreviews", "SYS"),
+        cannot("get", METRICS, "-"),
+        cannot("get", TABLE, "-"),
         cannot("get", PA, "*"),
         cannot("create", PA, "*"),
         cannot("update", PA, "*"),
@@ -85,13 +96,33 @@ fn janitor_rows() -> Vec<Row> {
         cannot("get", "/secrets", "*"),
         cannot("create", "/pods", "SYS"),
         cannot("watch", PA, "*"),
+        cannot("create", TOKEN_REVIEWS, "-"),
+        cannot("get", METRICS, "-"),
+        cannot("get", TABLE, "-"),
+        cannot("*", "*/*", "*"),
+    ]
+}
+
+/// The kit's reader, bound through the chart's httpAuth values to the chart's
+/// metrics-reader and table-reader ClusterRoles: it reads both paths, and nothing else.
+fn reader_rows() -> Vec<Row> {
+    vec![
+        can("get", METRICS, "-"),
+        can("get", TABLE, "-"),
+        cannot("post", METRICS, "-"),
+        cannot("get", "url:/debug/pprof", "-"),
+        cannot("get", "url:/logs", "-"),
+        cannot("list", PA, "*"),
+        cannot("create", TOKEN_REVIEWS, "-"),
+        cannot("get", "/secrets", "*"),
         cannot("*", "*/*", "*"),
     ]
 }
 
 /// Asks the API server whether `who` may do what `row` says.
 async fn review(admin: &Api<SubjectAccessReview>, who: &Identity, system: &str, row: &Row) -> bool {
-    let (group, rest) = row.resource.split_once('/').expect("group/resource");
+    let url = row.resource.strip_prefix("url:");
+    let (group, rest) = if url.is_some() { ("", "") } else { row.resource.split_once('/').expect("group/resource") };
     let (resource, subresource) = rest.split_once('/').map_or((rest, None), |(r, s)| (r, Some(s.to_owned())));
     let namespace = match row.namespace {
         "*" | "-" => None,
@@ -107,7 +138,7 @@ async fn review(admin: &Api<SubjectAccessReview>, who: &Identity, system: &str, 
             format!("system:serviceaccounts:{account_namespace}"),
             "system:authenticated".into(),
         ]),
-        resource_attributes: Some(ResourceAttributes {
+        resource_attributes: url.is_none().then(|| ResourceAttributes {
             verb: Some(row.verb.into()),
             group: Some(group.into()),
             resource: Some(resource.into()),
@@ -116,7 +147,8 @@ async fn review(admin: &Api<SubjectAccessReview>, who: &Identity, system: &str, 
             name: (!row.name.is_empty()).then(|| row.name.to_owned()),
             ..Default::default()
         }),
-        non_resource_attributes: None::<NonResourceAttributes>,
+        non_resource_attributes: url
+            .map(|path| NonResourceAttributes { path: Some(path.into()), verb: Some(row.verb.into()) }),
         ..Default::default()
     };
     let asked = SubjectAccessReview { spec, ..Default::default() };
@@ -155,4 +187,10 @@ async fn the_agent_service_account_can_make_exactly_the_agents_calls() {
 async fn the_janitor_service_account_can_make_exactly_the_janitors_calls() {
     let cluster = Cluster::shared().await;
     prove(&cluster.janitor, janitor_rows(), &cluster.namespace).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reader_can_get_metrics_and_the_table_and_nothing_else() {
+    let cluster = Cluster::shared().await;
+    prove(&cluster.reader, reader_rows(), &cluster.namespace).await;
 }

@@ -18,16 +18,17 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use portassign::{
-    agent::http::{fetch_table, get},
+    agent::http::{fetch_table, get, get_with},
     api::{PortAssignment, PortAssignmentSpec, Protocol},
     checker::{self, Expectations},
     range::PortRange,
 };
 use portassign_testkit::{AgentProcess, World, eventually, port_block, ports_of};
 
-/// The value of an agent's metric `name` (a line `name VALUE` on `/metrics`).
-async fn metric(url: &str, name: &str) -> Option<f64> {
-    let (code, text) = get(&format!("{url}/metrics")).await.ok()?;
+/// The value of an agent's metric `name` (a line `name VALUE` on `/metrics`), read as the
+/// world's reader.
+async fn metric(w: &World, url: &str, name: &str) -> Option<f64> {
+    let (code, text) = get_with(&format!("{url}/metrics"), Some(&w.reader_identity.token())).await.ok()?;
     if code != 200 {
         return None;
     }
@@ -39,10 +40,10 @@ async fn status_code(url: &str, path: &str) -> Option<u16> {
 }
 
 /// Waits until the agent at `url` reports itself on standby.
-async fn standing_by(agent: &AgentProcess) {
+async fn standing_by(w: &World, agent: &AgentProcess) {
     let url = agent.url.clone();
     eventually(&format!("agent at {url} on standby"), Duration::from_secs(30), || async {
-        (metric(&url, "portassign_standby").await == Some(1.0)).then_some(())
+        (metric(w, &url, "portassign_standby").await == Some(1.0)).then_some(())
     })
     .await;
 }
@@ -50,7 +51,7 @@ async fn standing_by(agent: &AgentProcess) {
 /// The checker's verdict on the test's namespace and one agent's table.
 async fn violations(w: &World, agent_url: &str, range: PortRange) -> Vec<checker::Violation> {
     let objects = w.api().list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
-    let Ok(table) = fetch_table(agent_url).await else {
+    let Ok(table) = fetch_table(agent_url, Some(&w.reader_identity.token())).await else {
         return vec![checker::Violation { node: w.node.clone(), message: format!("no table from {agent_url}") }];
     };
     let expect = Expectations {
@@ -97,7 +98,7 @@ async fn a_second_agent_for_a_node_stands_by_until_the_first_is_killed() {
     second.spawn();
 
     // On standby: not ready, alive, and its log names the holder once.
-    standing_by(&second).await;
+    standing_by(&w, &second).await;
     let holder = format!("pid={} agent={first_name}", first.pid().unwrap());
     eventually("the standby log line naming the holder", Duration::from_secs(10), || async {
         second.log().contains(&holder).then_some(())
@@ -105,7 +106,7 @@ async fn a_second_agent_for_a_node_stands_by_until_the_first_is_killed() {
     .await;
     assert_eq!(status_code(&second.url, "/healthz").await, Some(200), "alive while it waits");
     assert_eq!(status_code(&second.url, "/readyz").await, Some(503), "not ready while it waits");
-    assert_eq!(metric(&first.url, "portassign_standby").await, Some(0.0));
+    assert_eq!(metric(&w, &first.url, "portassign_standby").await, Some(0.0));
 
     // The first serves; the second assigns nothing and writes nothing.
     w.create("a", &["k0", "k1", "k2"]).await;
@@ -123,9 +124,9 @@ async fn a_second_agent_for_a_node_stands_by_until_the_first_is_killed() {
     for (key, port) in a.iter().chain(&b) {
         assert!(first_range.contains(*port), "key {key} got {port}, not from the first agent's range {first_range}");
     }
-    let table = fetch_table(&second.url).await.expect("the standby's table");
+    let table = fetch_table(&second.url, Some(&w.reader_identity.token())).await.expect("the standby's table");
     assert!(!table.ready && table.ports.is_empty(), "the standby holds nothing: {table:?}");
-    assert_eq!(metric(&second.url, "portassign_reconciles_total").await, Some(0.0), "the standby reconciled");
+    assert_eq!(metric(&w, &second.url, "portassign_reconciles_total").await, Some(0.0), "the standby reconciled");
     let events: Api<Event> = Api::namespaced(w.client.clone(), &w.ns);
     let reporters: Vec<String> = events
         .list(&Default::default())
@@ -143,7 +144,7 @@ async fn a_second_agent_for_a_node_stands_by_until_the_first_is_killed() {
     let killed = Instant::now();
     second.wait_ready(Duration::from_secs(10)).await;
     println!("standby: the second agent was ready {:?} after the first was killed", killed.elapsed());
-    assert_eq!(metric(&second.url, "portassign_standby").await, Some(0.0));
+    assert_eq!(metric(&w, &second.url, "portassign_standby").await, Some(0.0));
     w.set_keys("a", &["k1", "k2", "k3", "k4"]).await;
     let after = eventually("a Ready with k4", Duration::from_secs(30), || async {
         let object = w.api().get("a").await.ok()?;
@@ -158,7 +159,7 @@ async fn a_second_agent_for_a_node_stands_by_until_the_first_is_killed() {
 
     // The first, back, now stands by in its turn.
     first.spawn();
-    standing_by(&first).await;
+    standing_by(&w, &first).await;
     assert_eq!(status_code(&first.url, "/readyz").await, Some(503));
     assert_eq!(status_code(&second.url, "/readyz").await, Some(200));
     drop((first, second));
@@ -216,7 +217,7 @@ async fn two_agents_for_one_node_under_churn_and_kills_never_hold_a_port_twice()
         AgentProcess::new(kubeconfig, &w.node).named(&format!("{}-b", w.node)).range(range),
     ];
     agents[1].spawn();
-    standing_by(&agents[1]).await;
+    standing_by(&w, &agents[1]).await;
 
     // Every 20 ms, one consistent listing of the namespace: no port under two keys.
     let stop = Arc::new(AtomicBool::new(false));
@@ -311,8 +312,8 @@ async fn two_agents_for_one_node_under_churn_and_kills_never_hold_a_port_twice()
     })
     .await;
     let standby = &agents[1 - holder];
-    standing_by(standby).await;
-    let table = fetch_table(&standby.url).await.expect("the standby's table");
+    standing_by(&w, standby).await;
+    let table = fetch_table(&standby.url, Some(&w.reader_identity.token())).await.expect("the standby's table");
     assert!(!table.ready && table.ports.is_empty(), "the standby holds nothing: {table:?}");
     checker_clean(&w, &agents[holder].url, range).await;
 
@@ -324,7 +325,7 @@ async fn two_agents_for_one_node_under_churn_and_kills_never_hold_a_port_twice()
         api.list(&Default::default()).await.ok().filter(|l| l.items.is_empty()).map(|_| ())
     })
     .await;
-    let table = fetch_table(&agents[holder].url).await.expect("the holder's table");
+    let table = fetch_table(&agents[holder].url, Some(&w.reader_identity.token())).await.expect("the holder's table");
     assert!(table.ports.is_empty(), "the holder still holds {:?}", table.ports);
     drop(agents);
     w.cleanup().await;

@@ -700,9 +700,11 @@ impl Side {
 
 /// `portassign agent` for `node` (defaults otherwise: range, concurrency) as the chart's
 /// agent ServiceAccount, listening where the kit's `--listen` says; its log goes to the
-/// logs dir. Not started yet.
+/// logs dir. Not started yet. Its `/metrics` is open (on loopback): the benchmark polls
+/// it, and token reviews would add API calls that are not the agent's work.
 fn agent(bench: &Bench, node: &str) -> AgentProcess {
     AgentProcess::new(&bench.agent.kubeconfig, node)
+        .arg("--disable-http-auth")
         .arg("--log-format")
         .arg("json")
         .log_to(bench.logs.join(format!("{node}.log")))

@@ -181,9 +181,12 @@ fn object(name: &str, node: &str, keys: usize) -> PortAssignment {
 }
 
 /// Starts `m` agents for `nodes` as `identity`, concurrently; waits until all are ready.
+/// Their `/metrics` is open (on loopback): the benchmark polls it, and token reviews
+/// would add API calls that are not the agents' work.
 async fn start_agents(bench: &Bench, identity: &Identity, nodes: &[String]) -> Vec<AgentProcess> {
     join_all(nodes.iter().map(|node| {
         AgentProcess::new(&identity.kubeconfig, node)
+            .arg("--disable-http-auth")
             .arg("--log-format")
             .arg("json")
             .log_to(bench.logs.join(format!("{node}.log")))

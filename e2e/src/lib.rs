@@ -30,12 +30,14 @@ use portassign::range::PortRange;
 use portassign_testkit::{
     AgentProcess, Cluster, Identity, Process,
     chart::chart_dir,
-    cluster::{identity_from, service_account_identity},
+    cluster::{ensure_service_account, identity_from, service_account_identity},
     eventually, portassign_bin, tool,
 };
 
 /// The release the suite installs, and its namespace.
 pub const RELEASE: &str = "portassign-e2e";
+/// The ServiceAccount the suite reads the agents' `/debug/table` as.
+pub const READER: &str = "portassign-e2e-reader";
 /// Ports the release's agents assign.
 pub const RANGE: &str = "23000-23999";
 /// Nodes of the local provider (there are no Node objects: the agents are processes).
@@ -79,6 +81,9 @@ pub struct Installed {
     pub agents: BTreeMap<String, AgentProcess>,
     /// A scratch directory: kubeconfigs, the plugin's PATH entry.
     pub work: PathBuf,
+    /// A ServiceAccount bound by the release (httpAuth values) to the chart's
+    /// metrics-reader and table-reader ClusterRoles: reads the agents' `/debug/table`.
+    pub reader: Option<Identity>,
     _cluster: Option<Cluster>,
 }
 
@@ -109,6 +114,7 @@ impl Installed {
             processes: Vec::new(),
             agents: BTreeMap::new(),
             work,
+            reader: None,
             _cluster: cluster,
         };
         installed.install().await?;
@@ -159,6 +165,11 @@ impl Installed {
             format!("portRange.last={}", self.range.last()),
             "logFormat=human".to_owned(),
         ];
+        for role in ["metricsReaders", "tableReaders"] {
+            values.push(format!("httpAuth.{role}[0].kind=ServiceAccount"));
+            values.push(format!("httpAuth.{role}[0].name={READER}"));
+            values.push(format!("httpAuth.{role}[0].namespace={RELEASE}"));
+        }
         if self.provider == Provider::Kind {
             let image = std::env::var("PORTASSIGN_E2E_IMAGE")
                 .context("the kind provider needs PORTASSIGN_E2E_IMAGE, the image loaded into the nodes")?;
@@ -196,6 +207,9 @@ impl Installed {
             self.uninstall()?;
         }
         self.helm_upgrade(&[])?;
+        let client = self.client();
+        ensure_service_account(&client, RELEASE, READER).await?;
+        self.reader = Some(service_account_identity(&client, self.kubeconfig(), &self.work, RELEASE, READER).await?);
         match self.provider {
             Provider::Local => self.start_local_agents().await,
             Provider::Kind => self.wait_for_daemonset().await,

@@ -72,6 +72,7 @@ async fn checker_clean(
     api: &Api<PortAssignment>,
     addresses: &BTreeMap<String, String>,
     range: portassign::range::PortRange,
+    token: &str,
 ) {
     let expect = Expectations {
         settled: true,
@@ -87,7 +88,7 @@ async fn checker_clean(
         let mut tables = Vec::new();
         let mut unreachable = Vec::new();
         for (node, ip) in addresses {
-            match checker::fetch_table(&format!("http://{ip}:{AGENT_PORT}")).await {
+            match checker::fetch_table(&format!("http://{ip}:{AGENT_PORT}"), Some(token)).await {
                 Ok(table) => tables.push(table),
                 Err(e) => unreachable.push(format!("agent of {node}: {e}")),
             }
@@ -132,6 +133,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let nodes_api: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE);
     let addresses = node_addresses(&nodes_api).await;
+    let token = env.reader.as_ref().expect("the suite's reader identity").token();
     let nodes: Vec<String> = addresses.keys().cloned().collect();
     assert!(nodes.len() >= 3, "a control plane and two workers: {nodes:?}");
 
@@ -142,7 +144,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
             api.create(&PostParams::default(), &object).await.expect("create");
         }
     }
-    checker_clean(&api, &addresses, env.range).await;
+    checker_clean(&api, &addresses, env.range, &token).await;
 
     step(
         "a sandbox pod (hostNetwork) listens on its key's port, reachable on the node's address; no other key gets it",
@@ -178,7 +180,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let crowd: Vec<String> = (0..40).map(|i| format!("crowd/{i}")).collect();
     let patch = serde_json::json!({ "spec": { "keys": crowd } });
     api.patch(&format!("pool-0-{victim_node}"), &PatchParams::default(), &Patch::Merge(patch)).await.expect("grow");
-    checker_clean(&api, &addresses, env.range).await;
+    checker_clean(&api, &addresses, env.range, &token).await;
     let mut holders = Vec::new();
     for object in api.list(&ListParams::default()).await.expect("list").items {
         if object.spec.node_name == victim_node {
@@ -209,7 +211,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
         (pod.uid() != victim.uid() && ready).then_some(())
     })
     .await;
-    checker_clean(&api, &addresses, env.range).await;
+    checker_clean(&api, &addresses, env.range, &token).await;
     none_moved(&before, &all_ports(&api).await);
 
     step("helm upgrade rolls the DaemonSet while keys change: no port moves or is held twice, nothing stuck");
@@ -232,7 +234,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     env.helm_upgrade(&["concurrency=64", "logLevel=info"]).expect("helm upgrade");
     env.rolled_out().await;
     churn.await.expect("the churn task");
-    checker_clean(&api, &addresses, env.range).await;
+    checker_clean(&api, &addresses, env.range, &token).await;
     none_moved(&before, &all_ports(&api).await);
 
     step("no API call of an agent or the janitor was refused so far");

@@ -4,7 +4,9 @@
 //! - [`table`]: the node's port table (sans-IO).
 //! - [`probe`]: checks a port is free on the node by binding it.
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
-//! - [`http`]: the HTTP server and the `/debug/table` document.
+//! - [`http`]: the HTTP routes and the `/debug/table` document.
+//! - [`auth`]: bearer tokens reviewed by the API server for `/metrics` and `/debug/table`.
+//! - [`server`]: the bounded HTTP server loop.
 //! - [`lock`]: the node lock that keeps a second agent of the node on standby.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`backoff`]: per-object retry delays after failed reconciles (sans-IO).
@@ -36,14 +38,16 @@ use kube::{
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
+pub mod auth;
 pub mod backoff;
 pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;
+pub mod server;
 pub mod table;
 pub mod throttle;
 
@@ -77,6 +81,8 @@ pub struct Config {
     pub retry: backoff::Policy,
     /// The bound on the agent's API write rate.
     pub writes: throttle::Rate,
+    /// Authentication and bounds of the HTTP server.
+    pub http: server::HttpOptions,
 }
 
 /// Failures that stop the agent.
@@ -154,14 +160,12 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
 
-    let app = http::router(ctx.clone(), ready.clone());
-    let http_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-        if let Err(error) = serve.await {
-            error!(%error, "HTTP server failed");
-        }
-    });
+    let access = config.http.authenticate.then(|| Arc::new(auth::Access::kubernetes(client.clone())));
+    if access.is_none() {
+        warn!(http = %http_addr, "/metrics and /debug/table are served to anyone who can reach this address (authentication is off)");
+    }
+    let app = http::router(ctx.clone(), ready.clone(), access);
+    tokio::spawn(server::serve(listener, app, config.http.clone(), shutdown.clone()));
     info!(node = %config.node_name, range = %config.range, http = %http_addr, "agent starting");
 
     let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone()));
@@ -329,19 +333,9 @@ async fn rebuild(
                     continue;
                 }
             };
-            if object.metadata.deletion_timestamp.is_some() {
-                // Being deleted: its ports are released already, whatever its status says.
-                continue;
-            }
-            let id = object.id();
-            let ports = object
-                .status
-                .as_ref()
-                .map(|s| s.ports.iter().map(|e| (e.key.clone(), e.port)).collect())
-                .unwrap_or_default();
-            let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            records.push(Recorded { object: id.clone(), age, ports });
-            references.insert(id, reconcile::event_reference(&object));
+            let Some(record) = recorded(&object) else { continue };
+            references.insert(record.object.clone(), reconcile::event_reference(&object));
+            records.push(record);
         }
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
@@ -371,6 +365,19 @@ async fn rebuild(
         );
     }
     Ok(())
+}
+
+/// What an object's status records for the rebuild: its key and port pairs, aged by its
+/// creation time (an object without one sorts first). `None` for an object being deleted:
+/// its ports are released already, whatever its status says.
+pub fn recorded(object: &PortAssignment) -> Option<Recorded<Option<k8s_openapi::jiff::Timestamp>>> {
+    if object.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let ports =
+        object.status.as_ref().map(|s| s.ports.iter().map(|e| (e.key.clone(), e.port)).collect()).unwrap_or_default();
+    let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    Some(Recorded { object: object.id(), age, ports })
 }
 
 fn warn_on_overlaps(range: PortRange) {

@@ -546,7 +546,8 @@ fn shortage_message(shortage: Shortage, reservation: &Reservation, ctx: &Context
     }
 }
 
-fn describe(ports: &[(String, u16)]) -> String {
+/// The note of an `Assigned` or `Released` event: how many ports, then `key=port` in key order.
+pub fn describe(ports: &[(String, u16)]) -> String {
     let mut sorted: BTreeMap<&str, u16> = BTreeMap::new();
     for (key, port) in ports {
         sorted.insert(key, *port);
@@ -555,7 +556,8 @@ fn describe(ports: &[(String, u16)]) -> String {
     format!("{} port(s): {}", ports.len(), list.join(", "))
 }
 
-fn truncate(mut text: String, max: usize) -> String {
+/// Cuts `text` to at most `max` bytes (`max` >= 3) on a character boundary, ending in `...` when cut.
+pub fn truncate(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max - 3;
         while !text.is_char_boundary(end) {

@@ -54,6 +54,11 @@ impl Identity {
     pub fn client(&self) -> Client {
         Client::try_from(self.config.clone()).expect("client from a kubeconfig the kit wrote")
     }
+
+    /// The bearer token of these credentials, as `portassign check` finds it.
+    pub fn token(&self) -> String {
+        portassign::checker::caller_token(&self.config, None).expect("a kit identity with a bearer token")
+    }
 }
 
 /// A prepared cluster: admin credentials for the tests, the chart's ServiceAccounts for
@@ -65,6 +70,10 @@ pub struct Cluster {
     pub agent: Identity,
     /// The chart's janitor ServiceAccount, with the chart's RBAC.
     pub janitor: Identity,
+    /// A ServiceAccount of the kit bound (through the chart's httpAuth values) to the
+    /// chart's metrics-reader and table-reader ClusterRoles: what reads the agents'
+    /// `/metrics` and `/debug/table`.
+    pub reader: Identity,
     /// The namespace of the chart's ServiceAccounts (and of the janitor's Lease).
     pub namespace: String,
     plane: Option<PathBuf>,
@@ -114,8 +123,20 @@ impl Cluster {
         let client = admin.client();
         install_crd(&client).await?;
         let namespace = chart::NAMESPACE.to_owned();
-        let rendered = chart::render(&namespace, &["janitor.enabled=true"])?;
+        let subject = |role: &str| {
+            [
+                format!("httpAuth.{role}[0].kind=ServiceAccount"),
+                format!("httpAuth.{role}[0].name={READER}"),
+                format!("httpAuth.{role}[0].namespace={namespace}"),
+            ]
+        };
+        let mut values = vec!["janitor.enabled=true".to_owned()];
+        values.extend(subject("metricsReaders"));
+        values.extend(subject("tableReaders"));
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let rendered = chart::render(&namespace, &values)?;
         apply_rbac(&client, &namespace, &rendered).await?;
+        ensure_service_account(&client, &namespace, READER).await?;
         let dir = match &plane {
             Some(dir) => dir.clone(),
             None => std::env::temp_dir().join(format!("portassign-identities-{}", std::process::id())),
@@ -125,7 +146,8 @@ impl Cluster {
         let janitor_sa = chart::service_account_of(&rendered, "Deployment")?;
         let agent = service_account_identity(&client, kubeconfig, &dir, &namespace, &agent_sa).await?;
         let janitor = service_account_identity(&client, kubeconfig, &dir, &namespace, &janitor_sa).await?;
-        Ok(Cluster { admin, agent, janitor, namespace, plane })
+        let reader = service_account_identity(&client, kubeconfig, &dir, &namespace, READER).await?;
+        Ok(Cluster { admin, agent, janitor, reader, namespace, plane })
     }
 
     /// The kubeconfig of the admin (for the test's own commands, such as `kubectl`).
@@ -211,15 +233,36 @@ pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
     bail!("PortAssignments not served 5s after the CRD became established")
 }
 
+/// The kit's ServiceAccount that reads the agents' `/metrics` and `/debug/table`.
+pub const READER: &str = "portassign-test-reader";
+
+/// Creates the ServiceAccount `namespace/name` unless it exists.
+pub async fn ensure_service_account(client: &Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let mut account = ServiceAccount::default();
+    account.metadata.name = Some(name.to_owned());
+    create_unless_exists(
+        Api::namespaced(client.clone(), namespace),
+        account,
+        &format!("ServiceAccount {namespace}/{name}"),
+    )
+    .await
+}
+
 /// Creates `name` unless it exists.
 pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut namespace = Namespace::default();
     namespace.metadata.name = Some(name.to_owned());
-    match namespaces.create(&PostParams::default(), &namespace).await {
+    create_unless_exists(Api::all(client.clone()), namespace, &format!("namespace {name}")).await
+}
+
+async fn create_unless_exists<K>(api: Api<K>, object: K, what: &str) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), &object).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(anyhow!("creating namespace {name}: {e}")),
+        Err(e) => Err(anyhow!("creating {what}: {e}")),
     }
 }
 

@@ -33,7 +33,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Environment variables that would change an agent's settings behind the test's back.
-const SETTINGS_ENV: [&str; 11] = [
+const SETTINGS_ENV: [&str; 14] = [
     "NODE_NAME",
     "POD_NAME",
     "PORTASSIGN_LOCK_NAME",
@@ -44,6 +44,9 @@ const SETTINGS_ENV: [&str; 11] = [
     "PORTASSIGN_CONCURRENCY",
     "PORTASSIGN_LISTEN",
     "PORTASSIGN_LOG_FORMAT",
+    "PORTASSIGN_DISABLE_HTTP_AUTH",
+    "PORTASSIGN_HTTP_MAX_CONNECTIONS",
+    "PORTASSIGN_TOKEN_FILE",
     "RUST_LOG",
 ];
 

@@ -68,6 +68,8 @@ pub struct World {
     pub agent_identity: Identity,
     /// The chart's janitor ServiceAccount.
     pub janitor_identity: Identity,
+    /// Allowed to read the agents' `/metrics` and `/debug/table` (the chart's reader roles).
+    pub reader_identity: Identity,
     /// Namespace of the chart's ServiceAccounts (and of the janitor's Lease).
     pub system_namespace: String,
 }
@@ -89,6 +91,7 @@ impl World {
             node: unique(&format!("{test}-node")),
             agent_identity: cluster.agent.clone(),
             janitor_identity: cluster.janitor.clone(),
+            reader_identity: cluster.reader.clone(),
             system_namespace: cluster.namespace.clone(),
         }
     }
@@ -120,6 +123,7 @@ impl World {
             lock_name: None,
             retry: agent::backoff::Policy::default(),
             writes: agent::throttle::Rate::default(),
+            http: Default::default(),
         }
     }
 
