@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart chaos e2e e2e-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart fuzz chaos e2e e2e-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ test-unit: ## Unit and property tests only (no control plane)
 
 bench: ## Benchmarks vs the seed's algorithm and the API write floor; regenerates docs/benchmarks.md
 	hack/bench.sh
+
+fuzz: ## Every cargo-fuzz target for FUZZ_SECONDS each (default 60); installs cargo-fuzz on first use
+	hack/fuzz.sh
 
 chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minutes of churn
 	PORTASSIGN_CHAOS_SECONDS=180 PORTASSIGN_CHAOS_KILLS=30 $(CARGO) test --test chaos -- --nocapture

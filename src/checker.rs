@@ -273,4 +273,24 @@ mod tests {
         let relaxed = Expectations { settled: false, ..Default::default() };
         assert!(check(&[o], &[], &relaxed, Timestamp::now()).is_empty());
     }
+
+    #[test]
+    fn the_callers_token_comes_from_the_kubeconfig_or_a_file_and_certificates_are_named() {
+        let dir = std::env::temp_dir().join(format!("portassign-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        config.auth_info.token = Some("from-kubeconfig".to_owned().into());
+        assert_eq!(caller_token(&config, None).unwrap(), "from-kubeconfig");
+        assert_eq!(caller_token(&config, Some(&file)).unwrap(), "from-file", "--token-file wins");
+
+        let mut certificate = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        certificate.auth_info.client_certificate_data = Some("LS0t".into());
+        let error = caller_token(&certificate, None).unwrap_err();
+        assert!(error.contains("client certificate") && error.contains("--token-file"), "{error}");
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(caller_token(&certificate, Some(&file)).unwrap_err().contains("is empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

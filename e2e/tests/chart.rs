@@ -198,3 +198,39 @@ async fn install_upgrade_and_uninstall_do_what_the_readme_says() {
     let crd = Api::<CustomResourceDefinition>::all(client).get_opt("portassignments.portassign.io").await.expect("get");
     assert!(crd.is_some(), "helm uninstall keeps the CRD (and the objects in it)");
 }
+
+/// `helm install` into a namespace that enforces the `baseline` Pod Security level fails
+/// at once, naming the label that fixes it (rather than leaving a DaemonSet that never
+/// gets a pod); with that label it goes through. `--dry-run=server` runs the chart's
+/// `lookup` against the live namespace and installs nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_refuses_a_namespace_enforcing_baseline_and_takes_the_documented_label() {
+    let cluster = Cluster::shared().await;
+    let client = cluster.admin.client();
+    let namespace = portassign_testkit::unique("psa-chart");
+    ensure_namespace(&client, &namespace).await.unwrap();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let label = |level: &str| json!({ "metadata": { "labels": { "pod-security.kubernetes.io/enforce": level } } });
+    namespaces.patch(&namespace, &PatchParams::default(), &Patch::Merge(label("baseline"))).await.unwrap();
+
+    let chart = chart::chart_dir().to_string_lossy().into_owned();
+    let install = ["install", "psa-check", &chart, "-n", &namespace, "--dry-run=server"];
+    let output = Command::new(tool("helm").unwrap())
+        .args(install)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .expect("run helm");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "installed into a baseline namespace");
+    assert!(
+        stderr.contains("enforces Pod Security level \"baseline\"")
+            && stderr.contains(&format!(
+                "kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=privileged"
+            )),
+        "{stderr}"
+    );
+
+    namespaces.patch(&namespace, &PatchParams::default(), &Patch::Merge(label("privileged"))).await.unwrap();
+    helm(cluster.kubeconfig(), &install);
+    namespaces.delete(&namespace, &Default::default()).await.unwrap();
+}

@@ -26,7 +26,7 @@ use axum::{
     body::Body,
     http::{HeaderName, HeaderValue, Method, Request, Uri},
 };
-use futures_like::BoxFuture;
+use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use kube::runtime::events::{Recorder, Reporter};
 use libfuzzer_sys::fuzz_target;
@@ -49,14 +49,10 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-mod futures_like {
-    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
-}
-
 struct StandIn;
 
 impl Reviewer for StandIn {
-    fn review(&self, token: String, _path: String) -> BoxFuture<Result<Verdict, String>> {
+    fn review(&self, token: String, _path: String) -> BoxFuture<'static, Result<Verdict, String>> {
         let verdict = match token.as_str() {
             "reader" => Verdict::Allowed,
             "other" => Verdict::Forbidden("other may not".into()),
@@ -71,17 +67,20 @@ struct Fixture {
     app: Router,
     ready: Arc<AtomicBool>,
     server: SocketAddr,
+    /// Wake-ups the router never sends; kept so the channel stays open.
+    _woken: tokio::sync::mpsc::UnboundedReceiver<WakeRef>,
 }
+
+type WakeRef = kube::runtime::reflector::ObjectRef<kube::core::DeserializeGuard<portassign::api::PortAssignment>>;
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        let (app, ready, server) = runtime.block_on(async {
+        let (app, ready, server, woken) = runtime.block_on(async {
             // A client of an API server that is not there: the routes never call it.
             let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
             let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
-            std::mem::forget(woken);
             let mut table = PortTable::new(PortRange::new(20000, 20009).unwrap());
             table.reserve(&portassign::api::ObjectId::new("ns", "o"), ["a", "b\"<>\u{7f}"], &mut |_| true);
             let ctx = Arc::new(Context {
@@ -104,9 +103,9 @@ fn fixture() -> &'static Fixture {
                 ..Default::default()
             };
             tokio::spawn(serve(listener, app.clone(), options, tokio_util::sync::CancellationToken::new()));
-            (app, ready, server)
+            (app, ready, server, woken)
         });
-        Fixture { runtime, app, ready, server }
+        Fixture { runtime, app, ready, server, _woken: woken }
     })
 }
 

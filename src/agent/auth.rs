@@ -4,10 +4,11 @@
 //! guards its own `/metrics`. Grants are therefore ordinary RBAC: a ClusterRole with
 //! `nonResourceURLs: ["/metrics"]`, `verbs: ["get"]`.
 //!
-//! Answers are cached per token and path for [`VERDICT_TTL`] in a cache of at most
-//! [`CACHE_ENTRIES`] entries, so a scraper every few seconds costs one review pair per TTL
-//! rather than one per scrape; at most [`REVIEWS_IN_FLIGHT`] reviews run at once, so
-//! callers with new tokens cannot turn the agent into a flood of API calls.
+//! Verdicts are cached per token and path, an allowance for [`ALLOWED_TTL`] (longer than a
+//! scrape interval, so most scrapes cost no API call), a refusal for [`REFUSED_TTL`] (so
+//! a grant just made takes effect soon), in a cache of at most [`CACHE_ENTRIES`]
+//! entries; at most [`REVIEWS_IN_FLIGHT`] reviews run at once, so callers with new
+//! tokens cannot turn the agent into a flood of API calls.
 
 use std::{
     collections::HashMap,
@@ -30,8 +31,10 @@ use kube::{Api, Client, api::PostParams};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// How long a verdict is reused: also how long a revoked grant or token keeps working.
-pub const VERDICT_TTL: Duration = Duration::from_secs(10);
+/// How long an allowance is reused: also how long a revoked grant or token keeps working.
+pub const ALLOWED_TTL: Duration = Duration::from_secs(120);
+/// How long a refusal (401 or 403) is reused.
+pub const REFUSED_TTL: Duration = Duration::from_secs(10);
 /// Most verdicts kept; beyond it expired ones go first, then the oldest.
 pub const CACHE_ENTRIES: usize = 256;
 /// Most reviews asked of the API server at the same time.
@@ -180,13 +183,13 @@ impl Access {
 
     fn cached_verdict(&self, key: &(String, String)) -> Option<Verdict> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).filter(|(_, at)| at.elapsed() < VERDICT_TTL).map(|(verdict, _)| verdict.clone())
+        cache.get(key).filter(|(verdict, at)| at.elapsed() < ttl(verdict)).map(|(verdict, _)| verdict.clone())
     }
 
     fn remember(&self, key: (String, String), verdict: Verdict) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_ENTRIES && !cache.contains_key(&key) {
-            cache.retain(|_, (_, at)| at.elapsed() < VERDICT_TTL);
+            cache.retain(|_, (verdict, at)| at.elapsed() < ttl(verdict));
         }
         if cache.len() >= CACHE_ENTRIES && !cache.contains_key(&key) {
             let oldest = cache.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone());
@@ -196,6 +199,10 @@ impl Access {
         }
         cache.insert(key, (verdict, Instant::now()));
     }
+}
+
+fn ttl(verdict: &Verdict) -> Duration {
+    if *verdict == Verdict::Allowed { ALLOWED_TTL } else { REFUSED_TTL }
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header (scheme case-insensitive).

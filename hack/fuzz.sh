@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make fuzz`: runs every cargo-fuzz target of fuzz/ for FUZZ_SECONDS each (default 60),
+# one after the other, starting from the committed corpus fuzz/corpus/TARGET and
+# writing what it finds to .local/fuzz/corpus/TARGET. A crash stops the run with the
+# input saved under fuzz/artifacts/TARGET/ (turn it into a regression test, then fix).
+#
+# Usage: hack/fuzz.sh [TARGET ...]        (default: every target in fuzz/Cargo.toml)
+#        hack/fuzz.sh --merge [TARGET ...] (fold .local/fuzz/corpus into fuzz/corpus,
+#                                           keeping only inputs that add coverage)
+# Environment: FUZZ_SECONDS (per target), FUZZ_NICE (nice level, default 10).
+#
+# What it needs, installed here on first use:
+#  - cargo-fuzz, built with `cargo install --locked` into the tools cache
+#    (${PORTASSIGN_TOOLS_CACHE:-~/.cache/portassign/tools}/cargo-fuzz-VERSION).
+#  - A compiler that accepts -Zsanitizer (libFuzzer's instrumentation): a rustup nightly
+#    toolchain if one is installed; otherwise the stable toolchain with
+#    RUSTC_BOOTSTRAP=1, which unlocks the same flags.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_FUZZ_VERSION=0.13.2
+cache=${PORTASSIGN_TOOLS_CACHE:-$HOME/.cache/portassign/tools}
+root="$cache/cargo-fuzz-$CARGO_FUZZ_VERSION"
+if [ ! -x "$root/bin/cargo-fuzz" ]; then
+  echo "[fuzz] installing cargo-fuzz $CARGO_FUZZ_VERSION into $root" >&2
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --root "$root"
+fi
+export PATH="$root/bin:$PATH"
+
+toolchain=()
+if command -v rustup >/dev/null && rustup toolchain list | grep -q '^nightly'; then
+  toolchain=(+nightly)
+else
+  echo "[fuzz] no nightly toolchain: using stable with RUSTC_BOOTSTRAP=1" >&2
+  export RUSTC_BOOTSTRAP=1
+fi
+
+merge=false
+if [ "${1:-}" = "--merge" ]; then merge=true; shift; fi
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  mapfile -t targets < <(sed -n '/^\[\[bin\]\]/,/^name/s/^name = "\(.*\)"/\1/p' fuzz/Cargo.toml)
+fi
+seconds=${FUZZ_SECONDS:-60}
+
+for target in "${targets[@]}"; do
+  committed="fuzz/corpus/$target"
+  scratch=".local/fuzz/corpus/$target"
+  mkdir -p "$committed" "$scratch"
+  if $merge; then
+    echo "[fuzz] $target: merging $scratch into $committed" >&2
+    cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$committed" "$scratch" -- -merge=1
+    continue
+  fi
+  echo "[fuzz] $target: $seconds s" >&2
+  nice -n "${FUZZ_NICE:-10}" cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$scratch" "$committed" -- \
+    -max_total_time="$seconds" -print_final_stats=1 -timeout=10
+done
