@@ -52,7 +52,9 @@ for target in "${targets[@]}"; do
     cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$committed" "$scratch" -- -merge=1
     continue
   fi
-  echo "[fuzz] $target: $seconds s" >&2
+  dict=()
+  [ -f "fuzz/dicts/$target.dict" ] && dict=(-dict="fuzz/dicts/$target.dict")
+  echo "[fuzz] $target: $seconds s, from $(date -u +%H:%M:%S)" >&2
   nice -n "${FUZZ_NICE:-10}" cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$scratch" "$committed" -- \
-    -max_total_time="$seconds" -print_final_stats=1 -timeout=10
+    -max_total_time="$seconds" -print_final_stats=1 -timeout=10 "${dict[@]}"
 done
