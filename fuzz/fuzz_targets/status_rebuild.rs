@@ -23,6 +23,13 @@ use portassign::{
 fuzz_target!(|data: &[u8]| {
     let Ok(list) = serde_json::from_slice::<ObjectList<DeserializeGuard<PortAssignment>>>(data) else { return };
     let objects: Vec<PortAssignment> = list.items.into_iter().filter_map(|item| item.0.ok()).collect();
+    // The API server lists a namespace/name once.
+    let mut ids: Vec<_> = objects.iter().map(PortAssignment::id).collect();
+    ids.sort();
+    ids.dedup();
+    if ids.len() != objects.len() {
+        return;
+    }
     let records: Vec<_> = objects.iter().filter_map(recorded).collect();
     let range = PortRange::new(20000, 20063).expect("a valid range");
     let mut table = PortTable::new(range);
