@@ -5,8 +5,8 @@
 # input saved under fuzz/artifacts/TARGET/ (turn it into a regression test, then fix).
 #
 # Usage: hack/fuzz.sh [TARGET ...]        (default: every target in fuzz/Cargo.toml)
-#        hack/fuzz.sh --merge [TARGET ...] (fold .local/fuzz/corpus into fuzz/corpus,
-#                                           keeping only inputs that add coverage)
+#        hack/fuzz.sh --merge [TARGET ...] (replace fuzz/corpus/TARGET with a minimal set
+#                                           covering it and .local/fuzz/corpus/TARGET)
 # Environment: FUZZ_SECONDS (per target), FUZZ_NICE (nice level, default 10).
 #
 # What it needs, installed here on first use:
@@ -48,8 +48,14 @@ for target in "${targets[@]}"; do
   scratch=".local/fuzz/corpus/$target"
   mkdir -p "$committed" "$scratch"
   if $merge; then
-    echo "[fuzz] $target: merging $scratch into $committed" >&2
-    cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$committed" "$scratch" -- -merge=1
+    # A fresh minimal set (libFuzzer's set-cover merge, by edges, not hit counts) of
+    # everything found so far replaces the committed corpus: small enough to commit,
+    # the same edges covered.
+    echo "[fuzz] $target: merging $scratch and $committed into $committed" >&2
+    fresh=".local/fuzz/merged/$target"
+    rm -rf "$fresh" && mkdir -p "$fresh"
+    cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$fresh" "$committed" "$scratch" -- -set_cover_merge=1 -use_counters=0
+    rm -rf "$committed" && mv "$fresh" "$committed"
     continue
   fi
   dict=()
