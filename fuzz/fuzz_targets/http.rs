@@ -33,12 +33,14 @@ use libfuzzer_sys::fuzz_target;
 use portassign::{
     agent::{
         auth::{Access, Reviewer, Verdict, bearer_token},
+        backoff,
         http::{TableDocument, router},
         metrics::Metrics,
         probe::SocketProbe,
         reconcile::Context,
         server::{HttpOptions, serve},
         table::PortTable,
+        throttle,
     },
     range::PortRange,
 };
@@ -91,6 +93,8 @@ fn fixture() -> &'static Fixture {
                 recorder: Recorder::new(client, Reporter { controller: "fuzz".into(), instance: None }),
                 metrics: Metrics::new(),
                 wake,
+                backoff: std::sync::Mutex::new(backoff::Tracker::new(backoff::Policy::default())),
+                throttle: Arc::new(throttle::Throttle::new(throttle::Rate::default())),
             });
             let ready = Arc::new(AtomicBool::new(true));
             let access = Arc::new(Access::new(Arc::new(StandIn)));
