@@ -3,6 +3,7 @@
 //!
 //! - [`table`]: the node's port table (sans-IO).
 //! - [`probe`]: checks a port is free on the node by binding it.
+//! - [`node_ports`]: ports taken without a socket (pods' ports, kernel reservations).
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
 //! - [`http`]: the HTTP server and the `/debug/table` document.
 //! - [`lock`]: the node lock that keeps a second agent of the node on standby.
@@ -42,6 +43,7 @@ pub mod backoff;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod node_ports;
 pub mod probe;
 pub mod reconcile;
 pub mod table;
@@ -55,7 +57,7 @@ use self::{
 };
 use crate::{
     api::{PortAssignment, event_reason},
-    range::{NODEPORT_RANGE, PortRange},
+    range::{PortPool, PortRange},
 };
 
 /// Settings of one node's agent.
@@ -63,8 +65,8 @@ use crate::{
 pub struct Config {
     /// The node whose objects this agent serves.
     pub node_name: String,
-    /// Ports new assignments come from.
-    pub range: PortRange,
+    /// Ports new assignments come from: the ranges minus the exclusions.
+    pub pool: PortPool,
     /// Objects reconciled at the same time.
     pub concurrency: u16,
     /// Address of the health, metrics and debug HTTP server (port 0 picks a free one).
@@ -133,7 +135,7 @@ impl Running {
 /// Starts the agent: binds the HTTP server, then (in the background) rebuilds the
 /// table and runs the controller until the returned handle is stopped.
 pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) -> Result<Running, Error> {
-    warn_on_overlaps(config.range);
+    warn_on_overlaps(&config.pool);
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| Error::Listen { addr: config.listen, source })?;
     let http_addr = listener.local_addr().map_err(|source| Error::Listen { addr: config.listen, source })?;
@@ -143,8 +145,9 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     let ctx = Arc::new(Context {
         client: client.clone(),
         node_name: config.node_name.clone(),
-        table: std::sync::Mutex::new(PortTable::new(config.range)),
+        table: std::sync::Mutex::new(PortTable::with_pool(config.pool.clone())),
         probe,
+        node_ports: Default::default(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics::new(),
         wake,
@@ -162,7 +165,7 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
             error!(%error, "HTTP server failed");
         }
     });
-    info!(node = %config.node_name, range = %config.range, http = %http_addr, "agent starting");
+    info!(node = %config.node_name, ports = %config.pool, http = %http_addr, "agent starting");
 
     let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone()));
     Ok(Running { http_addr, ready, shutdown, task })
@@ -182,6 +185,12 @@ async fn run(
     let Some(lock) = lock::hold(&config.node_name, lock_name, instance, &ctx.metrics, &shutdown).await else { return };
     let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client.clone());
     let selector = node_selector(&config.node_name);
+    // The node's pods and the kernel's reservations are known before anything is
+    // assigned: the pod watch lists while the table is rebuilt.
+    let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+    tokio::spawn(node_ports::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
+    node_ports::read_reserved(&ctx);
+    tokio::spawn(node_ports::refresh_reserved(ctx.clone(), shutdown.clone()));
     let mut delay = Duration::from_millis(200);
     loop {
         match rebuild(&api, &selector, &ctx).await {
@@ -195,6 +204,10 @@ async fn run(
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = synced.wait_for(|done| *done) => {}
     }
     ready.store(true, Ordering::SeqCst);
 
@@ -340,6 +353,7 @@ async fn rebuild(
                 .map(|s| s.ports.iter().map(|e| (e.key.clone(), e.port)).collect())
                 .unwrap_or_default();
             let age = object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            ctx.node_ports().remember(&id, object.spec.protocol);
             records.push(Recorded { object: id.clone(), age, ports });
             references.insert(id, reconcile::event_reference(&object));
         }
@@ -373,16 +387,17 @@ async fn rebuild(
     Ok(())
 }
 
-fn warn_on_overlaps(range: PortRange) {
+fn warn_on_overlaps(pool: &PortPool) {
     if let Some((first, last)) = probe::ephemeral_range()
         && let Ok(ephemeral) = PortRange::new(first, last)
-        && range.overlaps(&ephemeral)
     {
-        warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
+        for range in pool.ranges().ranges().iter().filter(|r| r.overlaps(&ephemeral)) {
+            warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
+        }
     }
-    if let Ok(nodeport) = PortRange::new(NODEPORT_RANGE.0, NODEPORT_RANGE.1)
-        && range.overlaps(&nodeport)
+    if let Some(nodeport) = pool.node_port()
+        && pool.ranges().ranges().iter().any(|r| r.overlaps(&nodeport))
     {
-        warn!(%range, %nodeport, "the port range overlaps the default Kubernetes NodePort range");
+        info!(%nodeport, "the NodePort range is left out of the port ranges (--node-port-range)");
     }
 }

@@ -113,7 +113,7 @@ impl World {
     pub fn agent_config(&self, node: &str, range: PortRange) -> agent::Config {
         agent::Config {
             node_name: node.to_owned(),
-            range,
+            pool: range.into(),
             concurrency: 16,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance: Some(format!("test-{node}")),
