@@ -1,6 +1,6 @@
 //! Ports taken on the node without a socket the probe could see: ports that pods of
 //! the node declare (`hostPort`, and every port of a `hostNetwork` pod) and ports the
-//! kernel reserves (`net.ipv4.ip_local_reserved_ports`). docs/design.md §8.
+//! kernel reserves (`net.ipv4.ip_local_reserved_ports`). docs/design.md §10.
 //!
 //! The allocator asks [`NodePorts::taken`] for every candidate port: a bit test and a
 //! hash lookup, no syscall. The pod watcher keeps the declared ports up to date and
