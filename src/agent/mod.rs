@@ -209,6 +209,7 @@ async fn run(
         _ = shutdown.cancelled() => return,
         _ = synced.wait_for(|done| *done) => {}
     }
+    node_ports::recheck(&ctx);
     ready.store(true, Ordering::SeqCst);
 
     // The controller's cache holds every object of the node: managed fields (a large

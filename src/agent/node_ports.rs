@@ -413,6 +413,20 @@ impl NodePorts {
         change
     }
 
+    /// The current conflicts not reported yet (after the table was rebuilt, a pod list
+    /// that finished first found no holder): each is reported once, like a new one.
+    pub fn recheck(&mut self, table: &PortTable) -> PodChange {
+        let mut change = PodChange::default();
+        for conflict in self.conflicts(table) {
+            if self.reported.insert(conflict.clone()) {
+                let uid = self.pods.get(&conflict.pod).and_then(|p| p.uid.clone());
+                change.touched.insert(conflict.object.clone());
+                change.new_conflicts.push((conflict, uid));
+            }
+        }
+        change
+    }
+
     /// Replaces every pod (after a full list): pods missing from `pods` are gone.
     pub fn replace_pods(&mut self, pods: HashMap<Arc<str>, PodPorts>, table: &PortTable) -> PodChange {
         let mut change = PodChange::default();
@@ -486,6 +500,15 @@ pub(crate) async fn watch_pods(ctx: Arc<Context>, synced: watch::Sender<bool>, s
     }
 }
 
+/// Reports the conflicts that the rebuilt table and the first pod list show together.
+pub(crate) fn recheck(ctx: &Context) {
+    let change = {
+        let table = ctx.table();
+        ctx.node_ports().recheck(&table)
+    };
+    after_change(ctx, change);
+}
+
 /// Reports new conflicts both ways, refreshes the metrics, and reconciles the objects
 /// concerned (their status lists their conflicts) and those waiting for a port.
 fn after_change(ctx: &Context, change: PodChange) {
@@ -495,8 +518,7 @@ fn after_change(ctx: &Context, change: PodChange) {
     ctx.metrics.pod_conflicts_found(change.new_conflicts.len());
     let wake = {
         let mut table = ctx.table();
-        let node = ctx.node_ports();
-        ctx.metrics.set_node_ports(node.pod_port_count(), node.reserved_count(), node.conflicts(&table).len());
+        ctx.set_node_gauges(&table);
         if change.freed { table.take_waiting() } else { Vec::new() }
     };
     for id in change.touched.iter().chain(&wake) {
@@ -571,12 +593,11 @@ pub(crate) fn read_reserved(ctx: &Context) {
             }
         }
     };
-    let wake = if freed { ctx.table().take_waiting() } else { Vec::new() };
-    {
-        let table = ctx.table();
-        let node = ctx.node_ports();
-        ctx.metrics.set_node_ports(node.pod_port_count(), node.reserved_count(), node.conflicts(&table).len());
-    }
+    let wake = {
+        let mut table = ctx.table();
+        ctx.set_node_gauges(&table);
+        if freed { table.take_waiting() } else { Vec::new() }
+    };
     for id in &wake {
         ctx.wake_object(id);
     }
@@ -598,6 +619,12 @@ impl Context {
     /// Locks the node's ports taken without a socket (after the table, when both are needed).
     pub fn node_ports(&self) -> std::sync::MutexGuard<'_, NodePorts> {
         self.node_ports.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sets the gauges of pods' ports, reservations and conflicts (the table's lock held).
+    pub(crate) fn set_node_gauges(&self, table: &PortTable) {
+        let node = self.node_ports();
+        self.metrics.set_node_ports(node.pod_port_count(), node.reserved_count(), node.conflicts(table).len());
     }
 
     /// Asks the controller to reconcile `id` again.

@@ -113,6 +113,7 @@ impl Context {
     fn update_gauges(&self) {
         let table = self.table();
         self.metrics.set_table(table.held(), table.free_in_range(), table.objects());
+        self.set_node_gauges(&table);
     }
 
     /// Publishes an event without delaying the reconcile; a failure is only logged.

@@ -69,7 +69,7 @@ pub fn busy_node_section(sizes: &[AllocatorSize]) -> String {
          hostNetwork pods with five ports), 4,000 ports reserved by the kernel, 1,000 excluded by flag, the NodePort \
          range left out. Those ports lie above the ones the runs reach, so both sides probe the same ports and the \
          difference is what the lookups (`NodePorts::taken`: a bit test and a hash lookup; the pool: a sorted list \
-         and a bitset) cost. Median of whole runs, interleaved with the runs above.\n"
+         and a bitset) cost. Median of whole runs, each busy run interleaved with a run of today's and with the probe floor.\n"
     );
     let _ = writeln!(
         md,
