@@ -205,9 +205,12 @@ async fn run(
             }
         }
     }
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = synced.wait_for(|done| *done) => {}
+    let stopped = tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = synced.wait_for(|done| *done) => false,
+    };
+    if stopped {
+        return lock.release().await;
     }
     node_ports::recheck(&ctx);
     ready.store(true, Ordering::SeqCst);
