@@ -484,7 +484,7 @@ fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAss
             "False",
             reason::PORT_CONFLICT,
             format!(
-                "{} keys wait for a port: the range's unassigned ports are all in use by other programs, declared by pods or reserved by the kernel on the node",
+                "{} keys wait for a port: the range's unassigned ports are all in use by other programs on the node, declared by its pods or reserved by its kernel",
                 reservation.unassigned.len()
             ),
         ),
