@@ -127,6 +127,30 @@ pub struct PortAssignmentStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// Pods on the node that declare (hostPort, or a port of a hostNetwork pod) a port a
+    /// key of this object holds. The key keeps its port; traffic to it may reach the pod.
+    /// Empty when there is no such pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub pod_conflicts: Vec<PodConflict>,
+}
+
+/// A pod of the node that declares a port one of the object's keys holds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct PodConflict {
+    /// The key holding the port (it keeps it).
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// The port.
+    #[schemars(with = "i32", range(min = 1, max = 65535))]
+    pub port: u16,
+    /// The protocol the pod declares it for: TCP or UDP.
+    #[schemars(length(max = 3))]
+    pub protocol: String,
+    /// The pod, `namespace/name`.
+    #[schemars(length(max = 317))]
+    pub pod: String,
 }
 
 impl PortAssignmentStatus {
@@ -181,6 +205,8 @@ pub mod event_reason {
     /// The agent's writes for the object keep failing (recorded when the Ready condition
     /// cannot say so, because the status write itself fails).
     pub const WRITE_FAILED: &str = super::reason::WRITE_FAILED;
+    /// A pod of the node declares a port a key holds (recorded on the object and on the pod).
+    pub const HOST_PORT_CONFLICT: &str = "HostPortConflict";
 }
 
 impl PortAssignment {

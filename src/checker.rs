@@ -8,11 +8,15 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::ResourceExt;
 
 pub use crate::agent::http::{TableDocument, TableEntry, fetch_table};
-use crate::{api::PortAssignment, range::PortRange};
+use crate::{
+    agent::node_ports::declared_ports,
+    api::PortAssignment,
+    range::{PortRange, PortRanges},
+};
 
 /// One broken guarantee.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +61,8 @@ pub fn check(
     now: Timestamp,
 ) -> Vec<Violation> {
     let mut violations = Vec::new();
-    let mut ranges = expect.ranges.clone();
+    let mut ranges: HashMap<String, PortRanges> =
+        expect.ranges.iter().map(|(node, range)| (node.clone(), PortRanges::from(*range))).collect();
     for agent in agents {
         if let Ok(range) = agent.range.parse() {
             ranges.entry(agent.node.clone()).or_insert(range);
@@ -177,6 +182,42 @@ pub fn caller_token(config: &kube::Config, token_file: Option<&std::path::Path>)
     ))
 }
 
+/// Keys holding a port that a pod of the same node declares (a `hostPort`, or any port of
+/// a `hostNetwork` pod, for a protocol the key's object asks for), from the pod until it
+/// is terminal: traffic to the port may reach the pod instead of the key's sandbox. The
+/// agent never assigns such a port, so each of these is a pod that arrived later.
+pub fn pod_conflicts(objects: &[PortAssignment], pods: &[Pod]) -> Vec<Violation> {
+    let mut declared: HashMap<(&str, u16), Vec<(String, crate::agent::node_ports::PodProtocol)>> = HashMap::new();
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { continue };
+        let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        for d in declared_ports(pod) {
+            declared.entry((node, d.port)).or_default().push((name.clone(), d.protocol));
+        }
+    }
+    let mut out = Vec::new();
+    for object in objects.iter().filter(|o| o.metadata.deletion_timestamp.is_none()) {
+        let node = object.spec.node_name.as_str();
+        let id = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+        for entry in object.status.iter().flat_map(|s| &s.ports) {
+            for (pod, protocol) in declared.get(&(node, entry.port)).into_iter().flatten() {
+                if protocol.clashes_with(object.spec.protocol) {
+                    out.push(Violation {
+                        node: node.to_owned(),
+                        message: format!(
+                            "port {} held by {id} key {} is declared by pod {pod} ({}): traffic to it may reach the pod",
+                            entry.port,
+                            entry.key,
+                            protocol.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +265,9 @@ mod tests {
                     key: key.to_string(),
                 })
                 .collect(),
+            skipped: Default::default(),
+            conflicts: vec![],
+            explain: None,
         }
     }
 
@@ -263,6 +307,28 @@ mod tests {
         for e in expect {
             assert!(found.iter().any(|f| f.contains(e)), "missing {e:?} in {found:#?}");
         }
+    }
+
+    #[test]
+    fn reports_a_pod_declaring_a_held_port_on_the_same_node() {
+        let objects = [object("a", "n1", &["k1", "k2"], &[("k1", 100), ("k2", 101)], true)];
+        let pod = |name: &str, node: &str, port: i32, protocol: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "web" },
+                "spec": { "nodeName": node, "containers": [{ "name": "c", "ports": [
+                    { "containerPort": 80, "hostPort": port, "protocol": protocol }
+                ]}]}
+            }))
+            .unwrap()
+        };
+        let pods = [pod("same", "n1", 101, "TCP"), pod("other-node", "n2", 100, "TCP"), pod("udp", "n1", 100, "UDP")];
+        let found: Vec<String> = pod_conflicts(&objects, &pods).iter().map(|v| v.to_string()).collect();
+        assert_eq!(
+            found,
+            [
+                "node n1: port 101 held by ns/a key k2 is declared by pod web/same (TCP): traffic to it may reach the pod"
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use portassign::{
     agent::{self, probe::SocketProbe},
     api, checker, client, lookup,
-    range::{DEFAULT_RANGE, PortRange, RangeError},
+    range::{DEFAULT_RANGE, NODEPORT_RANGE, PortPool, PortRange, PortRanges, RangeError},
     telemetry::{self, LogFormat},
 };
 use tracing::{error, info};
@@ -80,6 +80,19 @@ struct CheckArgs {
     token_file: Option<std::path::PathBuf>,
 }
 
+/// `--node-port-range`: one range, or none.
+#[derive(Clone, Copy, Debug)]
+struct NodePortRange(Option<PortRange>);
+
+fn parse_node_port_range(text: &str) -> Result<NodePortRange, String> {
+    let ranges: PortRanges = text.parse().map_err(|e: RangeError| e.to_string())?;
+    match ranges.ranges() {
+        [] => Ok(NodePortRange(None)),
+        [one] => Ok(NodePortRange(Some(*one))),
+        _ => Err(format!("{text:?}: expected one range FIRST-LAST (or none)")),
+    }
+}
+
 fn parse_node_range(text: &str) -> Result<(String, PortRange), String> {
     let (node, range) = text.split_once('=').ok_or("expected NODE=FIRST-LAST")?;
     Ok((node.to_owned(), range.parse().map_err(|e: RangeError| e.to_string())?))
@@ -119,10 +132,19 @@ struct AgentArgs {
     /// Node whose PortAssignments this agent serves (from the downward API in a pod).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Ports to assign from, FIRST-LAST inclusive. The default stays below the NodePort
-    /// range (30000-32767) and Linux's default ephemeral range (32768-60999).
+    /// Ports to assign from: FIRST-LAST inclusive, or several separated by commas
+    /// (20000-24999,26000-26999). The default stays below the NodePort range
+    /// (30000-32767) and Linux's default ephemeral range (32768-60999).
     #[arg(long, env = "PORTASSIGN_PORT_RANGE", default_value = DEFAULT_RANGE)]
-    port_range: PortRange,
+    port_range: PortRanges,
+    /// Ports never assigned, although in the ranges: ports and ranges separated by
+    /// commas (22,25000-25099).
+    #[arg(long, env = "PORTASSIGN_EXCLUDE_PORTS", default_value = "")]
+    exclude_ports: PortRanges,
+    /// The cluster's NodePort range (kube-apiserver --service-node-port-range), never
+    /// assigned; `none` to assign from it anyway.
+    #[arg(long, env = "PORTASSIGN_NODE_PORT_RANGE", default_value = NODEPORT_RANGE, value_parser = parse_node_port_range)]
+    node_port_range: NodePortRange,
     /// Objects reconciled at the same time.
     #[arg(long, env = "PORTASSIGN_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
@@ -246,7 +268,7 @@ async fn run_check(args: CheckArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let objects = match lookup::list(client, None, None).await {
+    let objects = match lookup::list(client.clone(), None, None).await {
         Ok(objects) => objects,
         Err(e) => {
             eprintln!("error: could not list PortAssignments: {e}");
@@ -268,7 +290,12 @@ async fn run_check(args: CheckArgs) -> ExitCode {
         stuck_after: std::time::Duration::from_secs(args.stuck_after),
         ranges: args.ranges.into_iter().collect(),
     };
-    let violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
+    let mut violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+    match pods.list(&Default::default()).await {
+        Ok(list) => violations.extend(checker::pod_conflicts(&objects, &list.items)),
+        Err(e) => eprintln!("warning: could not list pods ({e}): pods declaring held ports are not checked"),
+    }
     for v in &violations {
         println!("VIOLATION {v}");
     }
@@ -340,9 +367,11 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let client = kube::Client::try_default().await.map_err(|e| {
         format!("no Kubernetes client configuration ({e}): set KUBECONFIG or run in a pod with a service account")
     })?;
+    let pool = PortPool::new(args.port_range, args.exclude_ports, args.node_port_range.0)
+        .map_err(|e| format!("invalid port settings: {e}"))?;
     let config = agent::Config {
         node_name: args.node_name,
-        range: args.port_range,
+        pool,
         concurrency: args.concurrency,
         listen: args.listen,
         instance: args.pod_name,

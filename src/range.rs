@@ -5,8 +5,9 @@ use std::{fmt, str::FromStr};
 /// The default allocation range: below both the NodePort range and the usual ephemeral
 /// range (Linux's `ip_local_port_range` defaults to 32768-60999).
 pub const DEFAULT_RANGE: &str = "20000-29999";
-/// The Kubernetes NodePort range of a default cluster (`--service-node-port-range`).
-pub const NODEPORT_RANGE: (u16, u16) = (30000, 32767);
+/// The Kubernetes NodePort range of a default cluster (`--service-node-port-range`),
+/// which the agent leaves out by default.
+pub const NODEPORT_RANGE: &str = "30000-32767";
 
 /// An inclusive range of ports, `first..=last`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +76,6 @@ impl PortRange {
     pub fn overlaps(&self, other: &PortRange) -> bool {
         self.first <= other.last && other.first <= self.last
     }
-
-    /// The port after `port`, wrapping around to the start of the range.
-    pub(crate) fn after(&self, port: u16) -> u16 {
-        if port >= self.last || port < self.first { self.first } else { port + 1 }
-    }
 }
 
 impl fmt::Display for PortRange {
@@ -95,6 +91,254 @@ impl FromStr for PortRange {
         let (first, last) = s.trim().split_once('-').ok_or_else(|| RangeError::Syntax(s.into()))?;
         let bound = |b: &str| b.trim().parse::<u16>().map_err(|_| RangeError::Bound(b.trim().into()));
         PortRange::new(bound(first)?, bound(last)?)
+    }
+}
+
+/// Several port ranges, written `A-B,C-D` (a single port `N` stands for `N-N`): the
+/// ranges the agent assigns from, or ports it must leave alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortRanges(Vec<PortRange>);
+
+impl PortRanges {
+    /// The given ranges, in the order given.
+    pub fn new(ranges: Vec<PortRange>) -> Self {
+        Self(ranges)
+    }
+
+    /// The ranges.
+    pub fn ranges(&self) -> &[PortRange] {
+        &self.0
+    }
+
+    /// Whether no range is listed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first range that contains `port`.
+    pub fn find(&self, port: u16) -> Option<PortRange> {
+        self.0.iter().copied().find(|r| r.contains(port))
+    }
+
+    /// Whether a range contains `port`.
+    pub fn contains(&self, port: u16) -> bool {
+        self.find(port).is_some()
+    }
+}
+
+impl From<PortRange> for PortRanges {
+    fn from(range: PortRange) -> Self {
+        Self(vec![range])
+    }
+}
+
+impl fmt::Display for PortRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, range) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if range.first == range.last {
+                write!(f, "{}", range.first)?;
+            } else {
+                write!(f, "{range}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PortRanges {
+    type Err = RangeError;
+
+    /// `A-B,C-D,N`; the empty string (or `none`) is no range at all.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("none") {
+            return Ok(Self::default());
+        }
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim) {
+            if item.contains('-') {
+                out.push(item.parse()?);
+            } else {
+                let port = item.parse::<u16>().map_err(|_| RangeError::Bound(item.into()))?;
+                out.push(PortRange::new(port, port)?);
+            }
+        }
+        Ok(Self(out))
+    }
+}
+
+/// Why a port is not one the agent assigns, when the rule is static (from its flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    /// The port lies in none of the ranges.
+    OutsideRanges,
+    /// The port lies in an excluded range (`--exclude-ports`).
+    Excluded(PortRange),
+    /// The port lies in the cluster's NodePort range (`--node-port-range`).
+    NodePort(PortRange),
+}
+
+impl Exclusion {
+    /// Short name of the rule, as `/debug/table` shows it.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Exclusion::OutsideRanges => "outside-ranges",
+            Exclusion::Excluded(_) => "excluded-by-flag",
+            Exclusion::NodePort(_) => "nodeport-range",
+        }
+    }
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exclusion::OutsideRanges => write!(f, "outside every range of --port-range"),
+            Exclusion::Excluded(r) => write!(f, "in {r}, excluded by --exclude-ports"),
+            Exclusion::NodePort(r) => write!(f, "in the NodePort range {r} (--node-port-range)"),
+        }
+    }
+}
+
+/// Why a pool could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    /// No range was given.
+    #[error("no port range given: --port-range needs at least one FIRST-LAST")]
+    NoRange,
+    /// The exclusions leave nothing to assign.
+    #[error("the exclusions ({0}) leave no port of the ranges to assign")]
+    Empty(String),
+}
+
+/// The ports the agent assigns: several ranges minus excluded ports and the cluster's
+/// NodePort range. Built once from the flags; membership is a bit lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortPool {
+    ranges: PortRanges,
+    excluded: PortRanges,
+    node_port: Option<PortRange>,
+    /// Every assignable port, ascending.
+    ports: Vec<u16>,
+    member: Box<[u64; 1024]>,
+}
+
+impl PortPool {
+    /// The ports of `ranges` that are neither `excluded` nor in `node_port`.
+    pub fn new(ranges: PortRanges, excluded: PortRanges, node_port: Option<PortRange>) -> Result<Self, PoolError> {
+        if ranges.is_empty() {
+            return Err(PoolError::NoRange);
+        }
+        let mut member = Box::new([0u64; 1024]);
+        for range in ranges.ranges() {
+            for port in range.first..=range.last {
+                member[usize::from(port / 64)] |= 1 << (port % 64);
+            }
+        }
+        let mut pool = Self { ranges, excluded, node_port, ports: Vec::new(), member };
+        for port in 1..=u16::MAX {
+            if pool.is_member(port) && pool.exclusion_of_member(port).is_some() {
+                pool.member[usize::from(port / 64)] &= !(1 << (port % 64));
+            }
+        }
+        pool.ports = (1..=u16::MAX).filter(|p| pool.is_member(*p)).collect();
+        if pool.ports.is_empty() {
+            return Err(PoolError::Empty(pool.describe_exclusions()));
+        }
+        Ok(pool)
+    }
+
+    fn is_member(&self, port: u16) -> bool {
+        self.member[usize::from(port / 64)] & (1 << (port % 64)) != 0
+    }
+
+    fn exclusion_of_member(&self, port: u16) -> Option<Exclusion> {
+        if let Some(range) = self.excluded.find(port) {
+            return Some(Exclusion::Excluded(range));
+        }
+        self.node_port.filter(|r| r.contains(port)).map(Exclusion::NodePort)
+    }
+
+    /// Whether the agent may assign `port`.
+    pub fn contains(&self, port: u16) -> bool {
+        self.is_member(port)
+    }
+
+    /// The static rule that keeps `port` out of the pool, if one does.
+    pub fn exclusion(&self, port: u16) -> Option<Exclusion> {
+        if !self.ranges.contains(port) {
+            return Some(Exclusion::OutsideRanges);
+        }
+        self.exclusion_of_member(port)
+    }
+
+    /// Number of assignable ports.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Always false: a pool holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The `i`-th assignable port, ascending (`i < len()`).
+    pub(crate) fn port_at(&self, i: usize) -> u16 {
+        self.ports[i]
+    }
+
+    /// The ranges assigned from, as given.
+    pub fn ranges(&self) -> &PortRanges {
+        &self.ranges
+    }
+
+    /// The excluded ranges, as given.
+    pub fn excluded(&self) -> &PortRanges {
+        &self.excluded
+    }
+
+    /// The NodePort range kept out, if any.
+    pub fn node_port(&self) -> Option<PortRange> {
+        self.node_port
+    }
+
+    fn describe_exclusions(&self) -> String {
+        let mut parts = vec![format!("--exclude-ports {}", self.excluded)];
+        if let Some(r) = self.node_port {
+            parts.push(format!("--node-port-range {r}"));
+        }
+        parts.join(", ")
+    }
+}
+
+impl From<PortRange> for PortPool {
+    /// A pool of one range, nothing excluded.
+    fn from(range: PortRange) -> Self {
+        Self::new(range.into(), PortRanges::default(), None).expect("a range holds at least one port")
+    }
+}
+
+impl fmt::Display for PortPool {
+    /// The ranges, then what is excluded from them: `20000-29999`, or
+    /// `20000-29999 minus 25000-25099`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.ranges)?;
+        let mut minus: Vec<String> = self
+            .excluded
+            .ranges()
+            .iter()
+            .filter(|e| self.ranges.ranges().iter().any(|r| r.overlaps(e)))
+            .map(|e| PortRanges::from(*e).to_string())
+            .collect();
+        if let Some(r) = self.node_port.filter(|n| self.ranges.ranges().iter().any(|r| r.overlaps(n))) {
+            minus.push(format!("{r} (NodePort)"));
+        }
+        if !minus.is_empty() {
+            write!(f, " minus {}", minus.join(","))?;
+        }
+        Ok(())
     }
 }
 
@@ -116,5 +360,39 @@ mod tests {
         assert_eq!("9-3".parse::<PortRange>(), Err(RangeError::Empty { first: 9, last: 3 }));
         assert!(range(10, 20).overlaps(&range(20, 30)));
         assert!(!range(10, 19).overlaps(&range(20, 30)));
+    }
+
+    #[test]
+    fn parses_lists_of_ranges_and_single_ports() {
+        let list: PortRanges = "20000-20009, 22 ,30000-30001".parse().unwrap();
+        assert_eq!(list.ranges(), &[range(20000, 20009), range(22, 22), range(30000, 30001)]);
+        assert_eq!(list.to_string(), "20000-20009,22,30000-30001");
+        assert!("".parse::<PortRanges>().unwrap().is_empty());
+        assert!("none".parse::<PortRanges>().unwrap().is_empty());
+        assert!(matches!("20000-x".parse::<PortRanges>(), Err(RangeError::Bound(_))));
+        assert!(matches!("1,,2".parse::<PortRanges>(), Err(RangeError::Bound(_))));
+        assert!(matches!("0".parse::<PortRanges>(), Err(RangeError::Bound(_))));
+    }
+
+    #[test]
+    fn a_pool_is_its_ranges_minus_exclusions_and_the_node_port_range() {
+        let pool =
+            PortPool::new("100-109,200-201".parse().unwrap(), "103,105-106".parse().unwrap(), Some(range(108, 300)))
+                .unwrap();
+        assert_eq!(pool.ports, vec![100, 101, 102, 104, 107]);
+        assert_eq!(pool.len(), 5);
+        assert!(pool.contains(104) && !pool.contains(103) && !pool.contains(200));
+        assert_eq!(pool.exclusion(103), Some(Exclusion::Excluded(range(103, 103))));
+        assert_eq!(pool.exclusion(106), Some(Exclusion::Excluded(range(105, 106))));
+        assert_eq!(pool.exclusion(201), Some(Exclusion::NodePort(range(108, 300))));
+        assert_eq!(pool.exclusion(150), Some(Exclusion::OutsideRanges));
+        assert_eq!(pool.exclusion(107), None);
+        assert_eq!(pool.to_string(), "100-109,200-201 minus 103,105-106,108-300 (NodePort)");
+        assert_eq!(
+            PortPool::new("100-101".parse().unwrap(), "100-101".parse().unwrap(), None),
+            Err(PoolError::Empty("--exclude-ports 100-101".into()))
+        );
+        assert_eq!(PortPool::new(PortRanges::default(), PortRanges::default(), None), Err(PoolError::NoRange));
+        assert_eq!(PortPool::from(range(1, 65535)).len(), 65535);
     }
 }

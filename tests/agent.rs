@@ -295,7 +295,7 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
     let client = kube::Client::try_from(config).unwrap();
     let agent_config = portassign::agent::Config {
         node_name: "nowhere".into(),
-        range: port_block(2),
+        pool: port_block(2).into(),
         concurrency: 1,
         listen: "127.0.0.1:0".parse().unwrap(),
         instance: None,

@@ -5,12 +5,7 @@
 //! Needs root (it runs `ip netns` and `ip link`); CI runs as root. Without root the
 //! test fails and says so.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use kube::{
     Api,
@@ -21,88 +16,11 @@ use portassign::{
     checker::{self, Expectations},
     range::PortRange,
 };
-use portassign_testkit::{AgentProcess, Cluster, eventually, ports_of};
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// Network namespaces, veths and processes of the test; removed on drop, pass or fail.
-struct Nodes {
-    namespaces: Vec<String>,
-    host_veths: Vec<String>,
-    holders: Vec<Child>,
-}
-
-impl Nodes {
-    fn new() -> Self {
-        Nodes { namespaces: Vec::new(), host_veths: Vec::new(), holders: Vec::new() }
-    }
-
-    /// Creates namespace `name` linked to the host: host side `host_ip/30`, inside `node_ip/30`.
-    fn add(&mut self, name: &str, veth: &str, host_ip: &str, node_ip: &str) {
-        ip(&["netns", "add", name]).expect("create network namespace");
-        self.namespaces.push(name.to_owned());
-        let (host_end, node_end) = (format!("{veth}h"), format!("{veth}n"));
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &node_end]).expect("create veth");
-        self.host_veths.push(host_end.clone());
-        ip(&["link", "set", &node_end, "netns", name]).expect("move veth");
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_end]).expect("host address");
-        ip(&["link", "set", &host_end, "up"]).expect("host veth up");
-        for args in [
-            vec!["netns", "exec", name, "ip", "addr", "add", &format!("{node_ip}/30"), "dev", &node_end],
-            vec!["netns", "exec", name, "ip", "link", "set", &node_end, "up"],
-            vec!["netns", "exec", name, "ip", "link", "set", "lo", "up"],
-        ] {
-            ip(&args).expect("configure the node's namespace");
-        }
-    }
-
-    /// Holds TCP `port` bound on the wildcard address inside namespace `name`.
-    fn hold_port(&mut self, name: &str, port: u16) {
-        let script = format!(
-            "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',{port}))\ns.listen()\nprint('bound',flush=True)\ntime.sleep(3600)"
-        );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", name, "python3", "-c", &script])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start port holder");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("holder output");
-        assert_eq!(line.trim(), "bound", "port holder in {name} did not bind {port}");
-        self.holders.push(child);
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for child in &mut self.holders {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for veth in &self.host_veths {
-            let _ = ip(&["link", "del", veth]);
-        }
-        for ns in &self.namespaces {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-fn require_root() {
-    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    assert_eq!(
-        uid.as_deref().unwrap_or("?"),
-        "0",
-        "this test creates network namespaces and veths (`ip netns`, `ip link`) and must run as root"
-    );
-}
+use portassign_testkit::{
+    Cluster, eventually,
+    netns::{Nodes, agent_in, require_root},
+    ports_of,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_node_verifies_ports_on_its_own_network_stack() {
@@ -126,27 +44,16 @@ async fn each_node_verifies_ports_on_its_own_network_stack() {
         Cluster::own("multinode", &[("PORTASSIGN_APISERVER_BIND", "0.0.0.0"), ("PORTASSIGN_APISERVER_SANS", &sans)])
             .await;
     let client = plane.admin.client();
-    // The agents run as the chart's ServiceAccount, reaching the API server over their veth.
-    let credentials = std::fs::read_to_string(&plane.agent.kubeconfig).expect("agent kubeconfig");
-    let dir = plane.plane_dir().expect("the test's own control plane").to_owned();
 
     // Every node has the same range; port `first` is held inside node 0's namespace only.
     let range = PortRange::new(27500, 27504).unwrap();
     nodes.hold_port(&format!("pa-{tag}-0"), range.first());
 
+    // The agents run as the chart's ServiceAccount, reaching the API server over their veth.
     let mut agents = Vec::new();
     for i in 0..3 {
-        let kubeconfig = dir.join(format!("kubeconfig-node-{i}"));
-        std::fs::write(&kubeconfig, credentials.replace("https://127.0.0.1:", &format!("https://{}:", host_ips[i])))
-            .unwrap();
-        let listen = SocketAddr::from(([0, 0, 0, 0], 9477));
-        let http: SocketAddr = format!("{}:9477", node_ips[i]).parse().unwrap();
         let ns = format!("pa-{tag}-{i}");
-        let agent = AgentProcess::new(&kubeconfig, &node_names[i]).range(range).wrapped(
-            &["ip", "netns", "exec", &ns],
-            listen,
-            http,
-        );
+        let agent = agent_in(&plane, &ns, &host_ips[i], &node_ips[i], &node_names[i]).range(range);
         agents.push(agent.start().await);
     }
 

@@ -134,6 +134,7 @@ async fn responder(node: String) -> anyhow::Result<()> {
                 last_transition_time: Time(Timestamp::now()),
             }],
             ports,
+            pod_conflicts: Vec::new(),
         };
         let body = json!({
             "apiVersion": PortAssignment::api_version(&()),

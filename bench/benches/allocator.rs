@@ -3,7 +3,9 @@
 //! against the probe's syscalls alone.
 //!
 //! `cargo bench -p portassign-bench --bench allocator -- --out FILE` measures and writes
-//! JSON for `report`. Run by `cargo test -p portassign-bench --benches` (no `--bench`
+//! JSON for `report`. With `--node-ports` it measures instead what the node's pods and
+//! the kernel's reservations add per assigned port (docs/benchmarks.md, "Allocator with
+//! pods and reservations") and prints that table. Run by `cargo test -p portassign-bench --benches` (no `--bench`
 //! argument) it does one small run of each and fails if the project lost a key, so the
 //! code stays compiled and exercised.
 //!
@@ -26,11 +28,12 @@ use std::{
 
 use portassign::{
     agent::{
+        node_ports::{DeclaredPort, NodePorts, PodPorts, PodProtocol},
         probe::{PortProbe, SocketProbe},
         table::PortTable,
     },
     api::{ObjectId, Protocol},
-    range::PortRange,
+    range::{PortPool, PortRange},
 };
 use results::{Allocator, AllocatorSize};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
@@ -43,7 +46,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    let result = if bench { measure(out.as_deref()) } else { smoke() };
+    let result = match (bench, args.iter().any(|a| a == "--node-ports")) {
+        (true, true) => node_ports_measure(),
+        (true, false) => measure(out.as_deref()),
+        (false, _) => smoke(),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -60,6 +67,8 @@ fn smoke() -> anyhow::Result<()> {
     let seed = seed_run(200)?;
     println!("allocator smoke: 200 keys, project lost {}, seed baseline lost {}", project.lost, seed.lost);
     anyhow::ensure!(project.lost == 0, "the project lost {} of 200 keys", project.lost);
+    let busy = project_run_busy(200, &probe);
+    anyhow::ensure!(busy.lost == 0, "the project lost {} of 200 keys on a busy node", busy.lost);
     Ok(())
 }
 
@@ -77,17 +86,7 @@ fn measure(out: Option<&Path>) -> anyhow::Result<()> {
     let plan = [(1000usize, 15usize, 5usize), (10000, 7, 3)];
     let mut sizes = Vec::new();
     for (n, project_reps, seed_reps) in plan {
-        let mut size = AllocatorSize {
-            n,
-            project_runs_s: vec![],
-            floor_runs_s: vec![],
-            seed_runs_s: vec![],
-            project_tail_s: vec![],
-            seed_tail_s: vec![],
-            project_lost: vec![],
-            seed_lost: vec![],
-            seed_file_bytes: 0,
-        };
+        let mut size = empty_size(n);
         // Interleaved so that drift on a shared machine hits both sides alike.
         for rep in 0..project_reps.max(seed_reps) {
             if rep < project_reps {
@@ -96,6 +95,9 @@ fn measure(out: Option<&Path>) -> anyhow::Result<()> {
                 size.project_runs_s.push(run.total.as_secs_f64());
                 size.project_tail_s.push(run.tail.as_secs_f64());
                 size.project_lost.push(run.lost);
+                let busy = project_run_busy(n, &probe);
+                anyhow::ensure!(busy.lost == 0, "the busy-node run lost {} keys", busy.lost);
+                size.busy_runs_s.push(busy.total.as_secs_f64());
             }
             if rep < seed_reps {
                 let run = seed_run(n)?;
@@ -122,6 +124,22 @@ fn measure(out: Option<&Path>) -> anyhow::Result<()> {
         None => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())
+}
+
+/// A size with no run yet.
+fn empty_size(n: usize) -> AllocatorSize {
+    AllocatorSize {
+        n,
+        project_runs_s: vec![],
+        floor_runs_s: vec![],
+        seed_runs_s: vec![],
+        project_tail_s: vec![],
+        seed_tail_s: vec![],
+        project_lost: vec![],
+        seed_lost: vec![],
+        seed_file_bytes: 0,
+        busy_runs_s: vec![],
+    }
 }
 
 /// One run: total time, time of the last tenth of the assignments, keys lost.
@@ -174,6 +192,83 @@ fn project_run(n: usize, probe: &SocketProbe) -> Run {
         })
         .count();
     Run { total, tail, lost, file_bytes: 0 }
+}
+
+/// A node as busy as a full one: 110 pods (the kubelet's default maximum) with two
+/// hostPorts each and 20 hostNetwork pods with five ports each, all TCP, 4,000 ports
+/// reserved by the kernel in four ranges, 1,000 ports excluded by flag. They lie in the
+/// upper part of the range, above the ports a 10,000-key run reaches, so both sides
+/// probe the same ports and the difference is the cost of the lookups alone.
+fn busy_node(table: &PortTable) -> NodePorts {
+    let mut node = NodePorts::default();
+    for i in 0..130u16 {
+        let (count, spacing) = if i < 110 { (2, 7) } else { (5, 3) };
+        let ports = (0..count)
+            .map(|j| DeclaredPort { port: 20100 + i * 60 + j * spacing, protocol: PodProtocol::Tcp, host_ip: None })
+            .collect();
+        node.set_pod(PodPorts { pod: format!("bench/pod-{i}").into(), uid: None, ports }, table);
+    }
+    node.set_reserved("24000-24999,25500-26499,27000-27999,28500-29499").expect("reserved ports");
+    node
+}
+
+/// The pool of a busy node: the range minus 1,000 excluded ports (and the NodePort range,
+/// which does not overlap it).
+fn busy_pool() -> PortPool {
+    PortPool::new(
+        PortRange::new(RANGE.0, RANGE.1).expect("valid range").into(),
+        "29500-29999,23000-23499".parse().expect("excluded ports"),
+        Some(PortRange::new(30000, 32767).expect("NodePort range")),
+    )
+    .expect("pool")
+}
+
+/// [`project_run`] on a busy node: the allocator asks the node's pods and reservations
+/// (lookups) before each probe, as the agent does.
+fn project_run_busy(n: usize, probe: &SocketProbe) -> Run {
+    let objects: Vec<ObjectId> = (0..n).map(|i| ObjectId::new("bench", format!("object-{i}"))).collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("bench/sandbox-{i}")).collect();
+    let mut table = PortTable::with_pool(busy_pool());
+    let node = busy_node(&table);
+    let (total, tail) = timed(n, |i| {
+        let reservation = table.reserve(&objects[i], [keys[i].as_str()], &mut |port| {
+            !node.taken(port, Protocol::Tcp) && probe.is_free(port, Protocol::Tcp)
+        });
+        table.commit(&objects[i], &reservation.ports);
+    });
+    let held: HashSet<u16> = table.entries().into_iter().map(|(p, _)| p).collect();
+    let lost = n - held.len();
+    let wrong = held.iter().filter(|p| node.taken(**p, Protocol::Tcp) || !table.pool().contains(**p)).count();
+    assert_eq!(wrong, 0, "the busy run assigned ports the node's pods, the kernel or the flags keep out");
+    Run { total, tail, lost, file_bytes: 0 }
+}
+
+/// Only what the node's pods and reservations add: the floor, today's runs and the
+/// busy-node runs, interleaved, at 1,000 and 10,000 ports; prints the report's section.
+fn node_ports_measure() -> anyhow::Result<()> {
+    let probe = SocketProbe::detect();
+    project_run(1000, &probe);
+    project_run_busy(1000, &probe);
+    let mut sizes = Vec::new();
+    for (n, reps) in [(1000usize, 15usize), (10000, 9)] {
+        let mut size = empty_size(n);
+        for _ in 0..reps {
+            size.floor_runs_s.push(floor_run(n, &probe).as_secs_f64());
+            size.project_runs_s.push(project_run(n, &probe).total.as_secs_f64());
+            let busy = project_run_busy(n, &probe);
+            anyhow::ensure!(busy.lost == 0, "the busy-node run lost {} keys", busy.lost);
+            size.busy_runs_s.push(busy.total.as_secs_f64());
+        }
+        sizes.push(size);
+    }
+    let table = PortTable::with_pool(busy_pool());
+    let node = busy_node(&table);
+    let lookup_ns = per_call(|port| {
+        black_box(node.taken(black_box(port), Protocol::Tcp));
+    });
+    print!("{}", results::busy_node_section(&sizes));
+    println!("\nOne `NodePorts::taken` lookup on that node: {lookup_ns:.0} ns (median of 9 batches of 2,000).");
+    Ok(())
 }
 
 /// The seed baseline in a fresh temporary directory.

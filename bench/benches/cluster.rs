@@ -291,6 +291,7 @@ fn ready_status(object: &PortAssignment, ports: BTreeMap<String, u16>) -> PortAs
             last_transition_time: Time(Timestamp::now()),
         }],
         ports: ports.into_iter().map(|(key, port)| PortEntry { key, port }).collect(),
+        pod_conflicts: Vec::new(),
     }
 }
 

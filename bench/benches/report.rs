@@ -332,6 +332,7 @@ fn allocator_section(md: &mut String, a: &Allocator) {
     for (what, ns) in &a.syscalls_ns {
         let _ = writeln!(md, "| {what} | {:.2} |", ns / 1e3);
     }
+    md.push_str(&results::busy_node_section(&a.sizes));
 }
 
 /// Picks a phase's request counts out of a run.

@@ -2,7 +2,8 @@
 //! `--features kind`): the repository's image as the chart's DaemonSet, restarted by the
 //! kubelet, rolled by `helm upgrade`, and a node deleted under it. After each step the
 //! invariant checker compares every status with every agent's in-memory table, read from
-//! the agents' own HTTP port on their nodes' addresses.
+//! the agents' own HTTP port on their nodes' addresses. A real hostPort pod shows a port
+//! that a plain bind on the node reports free and that the agent still never hands out.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,11 +28,16 @@ const AGENT_PORT: u16 = 9477;
 /// A hostNetwork pod on `node` running the sandbox stand-in on `port` for `key`, as
 /// locked down as the agent (non-root, no capabilities, read-only root filesystem).
 fn sandbox_pod(node: &str, port: u16, key: &str) -> Pod {
+    named_sandbox_pod("sandbox", node, port, key)
+}
+
+/// [`sandbox_pod`] under another name.
+fn named_sandbox_pod(name: &str, node: &str, port: u16, key: &str) -> Pod {
     let image = std::env::var("PORTASSIGN_E2E_SANDBOX_IMAGE")
         .expect("PORTASSIGN_E2E_SANDBOX_IMAGE (hack/kind/test.sh sets it)");
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "sandbox" },
+        "metadata": { "name": name },
         "spec": {
             "nodeName": node, "hostNetwork": true, "restartPolicy": "Never",
             "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
@@ -44,6 +50,54 @@ fn sandbox_pod(node: &str, port: u16, key: &str) -> Pod {
         }
     }))
     .expect("sandbox pod")
+}
+
+/// A pod on `node` (its own network namespace) that answers `answer` on container port
+/// 8080, with `host_ports` published on the node (the first to 8080, the next to 8081...):
+/// the CNI's portmap plugin DNATs them to the pod, and no socket on the node holds them.
+fn host_port_pod(node: &str, host_ports: &[u16], answer: &str) -> Pod {
+    let image = std::env::var("PORTASSIGN_E2E_SANDBOX_IMAGE")
+        .expect("PORTASSIGN_E2E_SANDBOX_IMAGE (hack/kind/test.sh sets it)");
+    let ports: Vec<_> = host_ports
+        .iter()
+        .zip(8080..)
+        .map(|(p, container)| serde_json::json!({ "containerPort": container, "hostPort": p }))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "hostport" },
+        "spec": {
+            "nodeName": node, "restartPolicy": "Never",
+            "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+            "containers": [{
+                "name": "web", "image": image, "imagePullPolicy": "Never",
+                "args": ["8080", answer],
+                "ports": ports,
+                "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } }
+            }]
+        }
+    }))
+    .expect("hostPort pod")
+}
+
+/// Waits until the pod `name` runs and is Ready.
+async fn pod_ready(pods: &Api<Pod>, name: &str) {
+    eventually(&format!("pod {name} Ready"), TIMEOUT, || async {
+        let pod = pods.get(name).await.ok()?;
+        pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+}
+
+/// What the first program that accepts a connection on `address` says.
+async fn answer_on(address: &str) -> String {
+    eventually(&format!("an answer on {address}"), TIMEOUT, || async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await.ok()?;
+        Some(text)
+    })
+    .await
 }
 
 fn step(what: &str) {
@@ -162,19 +216,9 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     .await;
     let sandbox_pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     sandbox_pods.create(&PostParams::default(), &sandbox_pod(&victim_node, port, key)).await.expect("sandbox pod");
-    eventually("the sandbox pod Ready", TIMEOUT, || async {
-        let pod = sandbox_pods.get("sandbox").await.ok()?;
-        pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
-    })
-    .await;
+    pod_ready(&sandbox_pods, "sandbox").await;
     let address = format!("{}:{port}", addresses[&victim_node]);
-    let answer = eventually(&format!("the sandbox answering on {address}"), TIMEOUT, || async {
-        let mut stream = tokio::net::TcpStream::connect(&address).await.ok()?;
-        let mut text = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await.ok()?;
-        Some(text)
-    })
-    .await;
+    let answer = answer_on(&address).await;
     assert_eq!(answer.trim(), key, "{address} is served by the sandbox of {key}");
     // More keys on the same node while the sandbox holds its port: none gets it.
     let crowd: Vec<String> = (0..40).map(|i| format!("crowd/{i}")).collect();
@@ -194,6 +238,51 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
         [format!("sandboxes/{key}")],
         "port {port} on {victim_node} is held by the sandbox's key alone"
     );
+
+    step(
+        "a real hostPort pod on the worker: a plain bind reports its ports free, yet the agent hands none of them out",
+    );
+    // The agent's cursor is just past the highest port it assigned on this node, so
+    // without the pod check the next keys would get exactly these ports.
+    let table = checker::fetch_table(&format!("http://{}:{AGENT_PORT}", addresses[&victim_node]), Some(&token))
+        .await
+        .expect("table");
+    let next = table.ports.iter().map(|e| e.port).max().expect("ports held on the worker") + 1;
+    let published: Vec<u16> = (next..next + 5).collect();
+    sandbox_pods
+        .create(&PostParams::default(), &host_port_pod(&victim_node, &published, "hostport-pod"))
+        .await
+        .expect("hostPort pod");
+    pod_ready(&sandbox_pods, "hostport").await;
+    // A hostNetwork process binds the first of them on the node's wildcard address: the
+    // bind succeeds (the stand-in exits at once if it cannot listen)...
+    let binder = named_sandbox_pod("binder", &victim_node, published[0], "binder");
+    sandbox_pods.create(&PostParams::default(), &binder).await.expect("binder pod");
+    pod_ready(&sandbox_pods, "binder").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let phase = sandbox_pods.get("binder").await.expect("binder").status.and_then(|s| s.phase);
+    assert_eq!(phase.as_deref(), Some("Running"), "a plain bind of {} on {victim_node} succeeds", published[0]);
+    // ...while traffic from outside the node to that port reaches the hostPort pod.
+    let address = format!("{}:{}", addresses[&victim_node], published[0]);
+    let answer = answer_on(&address).await;
+    assert_eq!(answer.trim(), "hostport-pod", "{address} is DNATed to the hostPort pod, not to the bound socket");
+    sandbox_pods.delete("binder", &DeleteParams::default()).await.expect("delete the binder pod");
+    let more: Vec<String> = (0..45).map(|i| format!("crowd/{i}")).collect();
+    let patch = serde_json::json!({ "spec": { "keys": more } });
+    api.patch(&format!("pool-0-{victim_node}"), &PatchParams::default(), &Patch::Merge(patch)).await.expect("grow");
+    checker_clean(&api, &addresses, env.range, &token).await;
+    let grown = ports_of(&api.get(&format!("pool-0-{victim_node}")).await.expect("get"));
+    let taken: Vec<String> =
+        grown.iter().filter(|(_, p)| published.contains(p)).map(|(k, p)| format!("{k}={p}")).collect();
+    assert!(taken.is_empty(), "keys got ports a hostPort pod publishes on {victim_node}: {taken:?}");
+    let why = portassign::agent::http::get(&format!(
+        "http://{}:{AGENT_PORT}/debug/table?port={}",
+        addresses[&victim_node], published[0]
+    ))
+    .await
+    .expect("explain");
+    assert!(why.1.contains("pod-host-port"), "/debug/table?port= names the pod: {}", why.1);
+    sandbox_pods.delete("hostport", &DeleteParams::default()).await.expect("delete the hostPort pod");
     let before = all_ports(&api).await;
 
     step("an agent pod deleted: the DaemonSet brings it back, every port kept (the busy sandbox port too)");

@@ -90,6 +90,7 @@ fn fixture() -> &'static Fixture {
                 node_name: "node".into(),
                 table: std::sync::Mutex::new(table),
                 probe: Arc::new(SocketProbe::detect()),
+                node_ports: Default::default(),
                 recorder: Recorder::new(client, Reporter { controller: "fuzz".into(), instance: None }),
                 metrics: Metrics::new(),
                 wake,

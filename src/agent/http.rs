@@ -12,7 +12,11 @@ use std::sync::{
 };
 
 use axum::{
-    Json, Router, extract::State, http::StatusCode, middleware::from_fn_with_state, response::IntoResponse,
+    Json, Router,
+    extract::{RawQuery, State},
+    http::StatusCode,
+    middleware::from_fn_with_state,
+    response::{IntoResponse, Response},
     routing::get as route_get,
 };
 use http_body_util::{BodyExt, Empty};
@@ -20,7 +24,8 @@ use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
 use serde::{Deserialize, Serialize};
 
-use super::{auth::Access, reconcile::Context};
+use super::{auth::Access, node_ports::PodPortEntry, reconcile::Context};
+use crate::api::Protocol;
 
 /// Path of the agent's table document.
 pub const DEBUG_TABLE_PATH: &str = "/debug/table";
@@ -31,12 +36,74 @@ pub const DEBUG_TABLE_PATH: &str = "/debug/table";
 pub struct TableDocument {
     /// The agent's node.
     pub node: String,
-    /// The agent's range, `FIRST-LAST`.
+    /// The agent's ranges, `FIRST-LAST[,FIRST-LAST...]`.
     pub range: String,
     /// Whether the agent had rebuilt its table.
     pub ready: bool,
     /// Every port it holds.
     pub ports: Vec<TableEntry>,
+    /// Ports of the ranges never assigned, by rule: `--exclude-ports`, the NodePort
+    /// range, the kernel's reservations, pods' ports.
+    #[serde(default)]
+    pub skipped: Skipped,
+    /// Keys holding a port that a pod of the node declares too.
+    #[serde(default)]
+    pub conflicts: Vec<ConflictEntry>,
+    /// Why one port is or is not assigned (`/debug/table?port=N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Explanation>,
+}
+
+/// The rules that keep ports out, besides sockets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Skipped {
+    /// `--exclude-ports`.
+    pub excluded_by_flag: String,
+    /// `--node-port-range` (empty when not excluded).
+    pub nodeport_range: String,
+    /// `net.ipv4.ip_local_reserved_ports` as last read.
+    pub kernel_reserved: String,
+    /// Ports pods of the node declare.
+    pub pod_ports: Vec<PodPortEntry>,
+}
+
+/// A key holding a port that a pod of the node declares too.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConflictEntry {
+    /// The port.
+    pub port: u16,
+    /// Namespace of the object holding it.
+    pub namespace: String,
+    /// Name of the object holding it.
+    pub name: String,
+    /// The key holding it (it keeps it).
+    pub key: String,
+    /// The pod, `namespace/name`.
+    pub pod: String,
+    /// The pod's protocol for it.
+    pub protocol: String,
+}
+
+/// Why a port is or is not assigned.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// The port asked about.
+    pub port: u16,
+    /// Whether a new key could get it now (no rule below applies).
+    pub assignable: bool,
+    /// Every rule that keeps it out, in the order the agent checks them.
+    pub rules: Vec<Rule>,
+}
+
+/// One rule that keeps a port out.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rule {
+    /// `outside-ranges`, `excluded-by-flag`, `nodeport-range`, `held`, `kernel-reserved`,
+    /// `pod-host-port` or `socket-in-use`.
+    pub rule: String,
+    /// Details: the range, the holder, the pod, the protocol.
+    pub detail: String,
 }
 
 /// One port held in an agent's memory.
@@ -85,8 +152,64 @@ async fn metrics(State(server): State<Server>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], server.ctx.metrics.render())
 }
 
-async fn debug_table(State(server): State<Server>) -> Json<TableDocument> {
+async fn debug_table(State(server): State<Server>, RawQuery(query): RawQuery) -> Response {
+    let asked = match query.as_deref().map(parse_port_query).transpose() {
+        Ok(asked) => asked.flatten(),
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    let mut document = table_document(&server);
+    if let Some(port) = asked {
+        document.explain = Some(explain(&server.ctx, port));
+    }
+    Json(document).into_response()
+}
+
+/// `port=N` (other parameters are ignored).
+fn parse_port_query(query: &str) -> Result<Option<u16>, String> {
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("port=") {
+            return match value.parse::<u16>() {
+                Ok(port) if port > 0 => Ok(Some(port)),
+                _ => Err(format!("port={value}: expected a port number between 1 and 65535\n")),
+            };
+        }
+    }
+    Ok(None)
+}
+
+/// Every rule that keeps `port` out. The sockets are probed (both protocols) only here,
+/// on request; the lookups are the allocator's own.
+fn explain(ctx: &Context, port: u16) -> Explanation {
+    let mut rules = Vec::new();
+    let mut rule = |rule: &str, detail: String| rules.push(Rule { rule: rule.to_owned(), detail });
+    {
+        let table = ctx.table();
+        let node = ctx.node_ports();
+        if let Some(exclusion) = table.pool().exclusion(port) {
+            rule(exclusion.rule(), exclusion.to_string());
+        }
+        if let Some(holder) = table.holder(port) {
+            rule("held", format!("key {} of {}", holder.key, holder.object));
+        }
+        if node.is_reserved(port) {
+            rule("kernel-reserved", format!("listed in net.ipv4.ip_local_reserved_ports ({})", node.reserved_text()));
+        }
+        for (pod, declared) in node.takers(port) {
+            let on = declared.host_ip.as_deref().map(|ip| format!(" on {ip}")).unwrap_or_default();
+            rule("pod-host-port", format!("pod {pod} declares it for {}{on}", declared.protocol.as_str()));
+        }
+    }
+    for (protocol, name) in [(Protocol::Tcp, "TCP"), (Protocol::Udp, "UDP")] {
+        if !ctx.probe.is_free(port, protocol) {
+            rule("socket-in-use", format!("a socket on the node holds it for {name}"));
+        }
+    }
+    Explanation { port, assignable: rules.is_empty(), rules }
+}
+
+fn table_document(server: &Server) -> TableDocument {
     let table = server.ctx.table();
+    let node = server.ctx.node_ports();
     let ports = table
         .entries()
         .into_iter()
@@ -97,12 +220,34 @@ async fn debug_table(State(server): State<Server>) -> Json<TableDocument> {
             key: h.key.clone(),
         })
         .collect();
-    Json(TableDocument {
+    let pool = table.pool();
+    let skipped = Skipped {
+        excluded_by_flag: pool.excluded().to_string(),
+        nodeport_range: pool.node_port().map(|r| r.to_string()).unwrap_or_default(),
+        kernel_reserved: node.reserved_text().to_owned(),
+        pod_ports: node.pod_ports(),
+    };
+    let conflicts = node
+        .conflicts(&table)
+        .into_iter()
+        .map(|c| ConflictEntry {
+            port: c.port,
+            namespace: c.object.namespace,
+            name: c.object.name,
+            key: c.key,
+            pod: c.pod.to_string(),
+            protocol: c.protocol.as_str().to_owned(),
+        })
+        .collect();
+    TableDocument {
         node: server.ctx.node_name.clone(),
-        range: table.range().to_string(),
+        range: pool.ranges().to_string(),
         ready: server.ready.load(Ordering::SeqCst),
         ports,
-    })
+        skipped,
+        conflicts,
+        explain: None,
+    }
 }
 
 /// Why a GET against an agent failed.

@@ -41,6 +41,10 @@ pub struct Metrics {
     write_throttle_wait: Counter<f64, AtomicU64>,
     write_failures: Family<FailureLabels, Counter>,
     objects_in_backoff: Gauge,
+    pod_ports: Gauge,
+    reserved_ports: Gauge,
+    pod_conflicts: Gauge,
+    pod_conflicts_found: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +72,10 @@ impl Metrics {
         let write_throttle_wait = Counter::<f64, AtomicU64>::default();
         let write_failures = Family::<FailureLabels, Counter>::default();
         let objects_in_backoff = Gauge::default();
+        let pod_ports = Gauge::default();
+        let reserved_ports = Gauge::default();
+        let pod_conflicts = Gauge::default();
+        let pod_conflicts_found = Counter::default();
         let mut registry = Registry::with_prefix("portassign");
         registry.register("ports_assigned", "Ports held by keys on this node", ports_assigned.clone());
         registry.register("ports_free", "Ports of the range no key holds", ports_free.clone());
@@ -108,6 +116,26 @@ impl Metrics {
             "Objects whose last reconcile failed, waiting to be retried",
             objects_in_backoff.clone(),
         );
+        registry.register(
+            "pod_host_ports",
+            "Ports that pods of this node declare (hostPort, hostNetwork)",
+            pod_ports.clone(),
+        );
+        registry.register(
+            "kernel_reserved_ports",
+            "Ports the kernel reserves (net.ipv4.ip_local_reserved_ports)",
+            reserved_ports.clone(),
+        );
+        registry.register(
+            "pod_port_conflicts",
+            "Ports a key holds that a pod of this node declares too",
+            pod_conflicts.clone(),
+        );
+        registry.register(
+            "pod_port_conflicts_detected",
+            "Pods found declaring a port a key holds",
+            pod_conflicts_found.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ports_assigned,
@@ -125,6 +153,10 @@ impl Metrics {
             write_throttle_wait,
             write_failures,
             objects_in_backoff,
+            pod_ports,
+            reserved_ports,
+            pod_conflicts,
+            pod_conflicts_found,
         }
     }
 
@@ -181,6 +213,18 @@ impl Metrics {
     /// Sets the number of objects in backoff.
     pub fn set_in_backoff(&self, n: usize) {
         self.objects_in_backoff.set(n as i64);
+    }
+
+    /// Counts `n` newly found conflicts between pods and keys.
+    pub fn pod_conflicts_found(&self, n: usize) {
+        self.pod_conflicts_found.inc_by(n as u64);
+    }
+
+    /// Sets the gauges of ports taken without a socket, and of current conflicts.
+    pub fn set_node_ports(&self, pod_ports: usize, reserved: usize, conflicts: usize) {
+        self.pod_ports.set(pod_ports as i64);
+        self.reserved_ports.set(reserved as i64);
+        self.pod_conflicts.set(conflicts as i64);
     }
 
     /// Sets the table gauges.

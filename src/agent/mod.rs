@@ -3,6 +3,7 @@
 //!
 //! - [`table`]: the node's port table (sans-IO).
 //! - [`probe`]: checks a port is free on the node by binding it.
+//! - [`node_ports`]: ports taken without a socket (pods' ports, kernel reservations).
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
 //! - [`http`]: the HTTP routes and the `/debug/table` document.
 //! - [`auth`]: bearer tokens reviewed by the API server for `/metrics` and `/debug/table`.
@@ -45,6 +46,7 @@ pub mod backoff;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod node_ports;
 pub mod probe;
 pub mod reconcile;
 pub mod server;
@@ -59,7 +61,7 @@ use self::{
 };
 use crate::{
     api::{PortAssignment, event_reason},
-    range::{NODEPORT_RANGE, PortRange},
+    range::{PortPool, PortRange},
 };
 
 /// Settings of one node's agent.
@@ -67,8 +69,8 @@ use crate::{
 pub struct Config {
     /// The node whose objects this agent serves.
     pub node_name: String,
-    /// Ports new assignments come from.
-    pub range: PortRange,
+    /// Ports new assignments come from: the ranges minus the exclusions.
+    pub pool: PortPool,
     /// Objects reconciled at the same time.
     pub concurrency: u16,
     /// Address of the health, metrics and debug HTTP server (port 0 picks a free one).
@@ -139,7 +141,7 @@ impl Running {
 /// Starts the agent: binds the HTTP server, then (in the background) rebuilds the
 /// table and runs the controller until the returned handle is stopped.
 pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) -> Result<Running, Error> {
-    warn_on_overlaps(config.range);
+    warn_on_overlaps(&config.pool);
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| Error::Listen { addr: config.listen, source })?;
     let http_addr = listener.local_addr().map_err(|source| Error::Listen { addr: config.listen, source })?;
@@ -149,8 +151,9 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     let ctx = Arc::new(Context {
         client: client.clone(),
         node_name: config.node_name.clone(),
-        table: std::sync::Mutex::new(PortTable::new(config.range)),
+        table: std::sync::Mutex::new(PortTable::with_pool(config.pool.clone())),
         probe,
+        node_ports: Default::default(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: Metrics::new(),
         wake,
@@ -166,7 +169,7 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     }
     let app = http::router(ctx.clone(), ready.clone(), access);
     tokio::spawn(server::serve(listener, app, config.http.clone(), shutdown.clone()));
-    info!(node = %config.node_name, range = %config.range, http = %http_addr, "agent starting");
+    info!(node = %config.node_name, ports = %config.pool, http = %http_addr, "agent starting");
 
     let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone()));
     Ok(Running { http_addr, ready, shutdown, task })
@@ -186,6 +189,12 @@ async fn run(
     let Some(lock) = lock::hold(&config.node_name, lock_name, instance, &ctx.metrics, &shutdown).await else { return };
     let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client.clone());
     let selector = node_selector(&config.node_name);
+    // The node's pods and the kernel's reservations are known before anything is
+    // assigned: the pod watch lists while the table is rebuilt.
+    let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+    tokio::spawn(node_ports::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
+    node_ports::read_reserved(&ctx);
+    tokio::spawn(node_ports::refresh_reserved(ctx.clone(), shutdown.clone()));
     let mut delay = Duration::from_millis(200);
     loop {
         match rebuild(&api, &selector, &ctx).await {
@@ -200,6 +209,14 @@ async fn run(
             }
         }
     }
+    let stopped = tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = synced.wait_for(|done| *done) => false,
+    };
+    if stopped {
+        return lock.release().await;
+    }
+    node_ports::recheck(&ctx);
     ready.store(true, Ordering::SeqCst);
 
     // The controller's cache holds every object of the node: managed fields (a large
@@ -334,6 +351,7 @@ async fn rebuild(
                 }
             };
             let Some(record) = recorded(&object) else { continue };
+            ctx.node_ports().remember(&record.object, object.spec.protocol);
             references.insert(record.object.clone(), reconcile::event_reference(&object));
             records.push(record);
         }
@@ -380,16 +398,17 @@ pub fn recorded(object: &PortAssignment) -> Option<Recorded<Option<k8s_openapi::
     Some(Recorded { object: object.id(), age, ports })
 }
 
-fn warn_on_overlaps(range: PortRange) {
+fn warn_on_overlaps(pool: &PortPool) {
     if let Some((first, last)) = probe::ephemeral_range()
         && let Ok(ephemeral) = PortRange::new(first, last)
-        && range.overlaps(&ephemeral)
     {
-        warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
+        for range in pool.ranges().ranges().iter().filter(|r| r.overlaps(&ephemeral)) {
+            warn!(%range, %ephemeral, "the port range overlaps the kernel's ephemeral range (net.ipv4.ip_local_port_range): outgoing connections may take ports from it");
+        }
     }
-    if let Ok(nodeport) = PortRange::new(NODEPORT_RANGE.0, NODEPORT_RANGE.1)
-        && range.overlaps(&nodeport)
+    if let Some(nodeport) = pool.node_port()
+        && pool.ranges().ranges().iter().any(|r| r.overlaps(&nodeport))
     {
-        warn!(%range, %nodeport, "the port range overlaps the default Kubernetes NodePort range");
+        info!(%nodeport, "the NodePort range is left out of the port ranges (--node-port-range)");
     }
 }

@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use super::{
     backoff::{Failure, Tracker},
     metrics::Metrics,
+    node_ports::NodePorts,
     probe::PortProbe,
     table::{ObjectId, PortTable, Released, Reservation, Shortage},
     throttle::Throttle,
@@ -64,6 +65,9 @@ pub struct Context {
     pub table: std::sync::Mutex<PortTable>,
     /// Verifies ports free on the node.
     pub probe: Arc<dyn PortProbe>,
+    /// Ports taken on the node without a socket (pods' ports, kernel reservations);
+    /// locked after `table` when both are needed.
+    pub node_ports: std::sync::Mutex<NodePorts>,
     /// Publishes Kubernetes events.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -109,6 +113,7 @@ impl Context {
     fn update_gauges(&self) {
         let table = self.table();
         self.metrics.set_table(table.held(), table.free_in_range(), table.objects());
+        self.set_node_gauges(&table);
     }
 
     /// Publishes an event without delaying the reconcile; a failure is only logged.
@@ -140,6 +145,7 @@ impl Context {
     pub(crate) fn release_object(&self, object: &ObjectId) -> usize {
         let released = self.table().release_object(object);
         self.end_backoff(object, "object gone");
+        self.node_ports().forget(object);
         self.metrics.released(released.ports.len());
         self.wake_waiting(&released);
         released.ports.len()
@@ -267,12 +273,22 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
 async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
     let id = object.id();
     let protocol = object.spec.protocol;
-    let reservation = ctx
-        .table()
-        .reserve(&id, object.spec.keys.iter().map(String::as_str), &mut |port| ctx.probe.is_free(port, protocol));
+    let (reservation, pod_conflicts) = {
+        let mut table = ctx.table();
+        let mut node = ctx.node_ports();
+        node.remember(&id, protocol);
+        // Ports pods declare and ports the kernel reserves are looked up in memory
+        // before the probe's bind: no syscall for them.
+        let reservation = table.reserve(&id, object.spec.keys.iter().map(String::as_str), &mut |port| {
+            !node.taken(port, protocol) && ctx.probe.is_free(port, protocol)
+        });
+        let conflicts = node.conflicts_of(&id, &reservation.ports);
+        (reservation, conflicts)
+    };
     ctx.metrics.allocated(reservation.added.len());
 
-    let status = desired_status(object, &reservation);
+    let mut status = desired_status(object, &reservation);
+    status.pod_conflicts = pod_conflicts;
     if object.status.as_ref() != Some(&status) {
         match write_status(object, &status, ctx).await {
             Ok(()) => {}
@@ -468,7 +484,7 @@ fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAss
             "False",
             reason::PORT_CONFLICT,
             format!(
-                "{} keys wait for a port: the range's unassigned ports are all in use by other programs on the node",
+                "{} keys wait for a port: the range's unassigned ports are all in use by other programs on the node, declared by its pods or reserved by its kernel",
                 reservation.unassigned.len()
             ),
         ),
@@ -492,6 +508,7 @@ fn desired_status(object: &PortAssignment, reservation: &Reservation) -> PortAss
             observed_generation: generation,
             last_transition_time,
         }],
+        pod_conflicts: Vec::new(),
     }
 }
 
@@ -527,7 +544,7 @@ async fn write_status(
 }
 
 fn shortage_message(shortage: Shortage, reservation: &Reservation, ctx: &Context) -> (&'static str, String) {
-    let range = ctx.table().range();
+    let range = ctx.table().pool().clone();
     let keys = reservation.unassigned.len();
     match shortage {
         Shortage::RangeExhausted => (
@@ -540,7 +557,7 @@ fn shortage_message(shortage: Shortage, reservation: &Reservation, ctx: &Context
         Shortage::PortConflict => (
             reason::PORT_CONFLICT,
             format!(
-                "{keys} keys have no port: every unassigned port of range {range} is in use by another program on this node"
+                "{keys} keys have no port: every unassigned port of range {range} is in use by another program, declared by a pod or reserved by the kernel on this node"
             ),
         ),
     }

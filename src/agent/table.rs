@@ -10,7 +10,7 @@ use std::{
 };
 
 pub use crate::api::ObjectId;
-use crate::range::PortRange;
+use crate::range::{PortPool, PortRange};
 
 /// Who holds a port: one key of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,13 +77,13 @@ pub struct Released {
 /// The node's port table.
 #[derive(Debug)]
 pub struct PortTable {
-    range: PortRange,
+    pool: PortPool,
     holders: HashMap<u16, Holder>,
     objects: HashMap<Arc<ObjectId>, BTreeMap<String, u16>>,
     held_in_range: usize,
-    /// Where the next search starts: allocation rotates through the range so a port
-    /// just freed (its sandbox possibly still shutting down) is reused last.
-    cursor: u16,
+    /// Index in the pool where the next search starts: allocation rotates through the
+    /// pool so a port just freed (its sandbox possibly still shutting down) is reused last.
+    cursor: usize,
     /// Objects that asked for ports the table could not give.
     waiting: Vec<ObjectId>,
 }
@@ -91,19 +91,30 @@ pub struct PortTable {
 impl PortTable {
     /// An empty table allocating from `range`.
     pub fn new(range: PortRange) -> Self {
+        Self::with_pool(range.into())
+    }
+
+    /// An empty table allocating from `pool`.
+    pub fn with_pool(pool: PortPool) -> Self {
         Self {
-            range,
+            pool,
             holders: HashMap::new(),
             objects: HashMap::new(),
             held_in_range: 0,
-            cursor: range.first(),
+            cursor: 0,
             waiting: Vec::new(),
         }
     }
 
-    /// The range new ports come from.
-    pub fn range(&self) -> PortRange {
-        self.range
+    /// The ports new assignments come from.
+    pub fn pool(&self) -> &PortPool {
+        &self.pool
+    }
+
+    /// Takes the objects that were short of ports, so the caller can wake them (a port
+    /// became available by other means than a release, e.g. a pod on the node went away).
+    pub fn take_waiting(&mut self) -> Vec<ObjectId> {
+        std::mem::take(&mut self.waiting)
     }
 
     /// Number of ports held (inside or outside the range).
@@ -111,9 +122,9 @@ impl PortTable {
         self.holders.len()
     }
 
-    /// Number of ports of the range no key holds.
+    /// Number of ports of the pool no key holds.
     pub fn free_in_range(&self) -> usize {
-        self.range.len() - self.held_in_range
+        self.pool.len() - self.held_in_range
     }
 
     /// Number of objects holding at least one port.
@@ -218,7 +229,7 @@ impl PortTable {
     /// port and reported as [`Displaced`]. A key recorded twice in one object keeps its
     /// first port.
     pub fn rebuild<T: Ord>(&mut self, mut records: Vec<Recorded<T>>) -> Vec<Displaced> {
-        *self = PortTable::new(self.range);
+        *self = PortTable::with_pool(self.pool.clone());
         records.sort_by(|a, b| a.age.cmp(&b.age).then_with(|| a.object.cmp(&b.object)));
         let mut displaced = Vec::new();
         for record in records {
@@ -260,7 +271,7 @@ impl PortTable {
     fn hold(&mut self, port: u16, holder: Holder) {
         let held = self.objects.entry(holder.object.clone()).or_default();
         held.insert(holder.key.clone(), port);
-        if self.range.contains(port) {
+        if self.pool.contains(port) {
             self.held_in_range += 1;
         }
         let previous = self.holders.insert(port, holder);
@@ -269,7 +280,7 @@ impl PortTable {
 
     fn free(&mut self, ports: Vec<(String, u16)>) -> Released {
         for (_, port) in &ports {
-            if self.holders.remove(port).is_some() && self.range.contains(*port) {
+            if self.holders.remove(port).is_some() && self.pool.contains(*port) {
                 self.held_in_range -= 1;
             }
         }
@@ -278,20 +289,22 @@ impl PortTable {
     }
 
     fn find_free(&mut self, is_free: &mut dyn FnMut(u16) -> bool) -> Result<u16, Shortage> {
-        if self.held_in_range == self.range.len() {
+        let len = self.pool.len();
+        if self.held_in_range == len {
             return Err(Shortage::RangeExhausted);
         }
-        let mut port = self.cursor;
+        let mut at = self.cursor % len;
         let mut tried = 0usize;
-        for _ in 0..self.range.len() {
+        for _ in 0..len {
+            let port = self.pool.port_at(at);
+            at = (at + 1) % len;
             if !self.holders.contains_key(&port) {
                 tried += 1;
                 if is_free(port) {
-                    self.cursor = self.range.after(port);
+                    self.cursor = at;
                     return Ok(port);
                 }
             }
-            port = self.range.after(port);
         }
         Err(if tried == 0 { Shortage::RangeExhausted } else { Shortage::PortConflict })
     }
@@ -416,6 +429,18 @@ mod tests {
             Recorded { object: ObjectId::new("a", "z"), age: 0, ports: vec![("k".into(), 120)] },
         ]);
         assert_eq!(table.holder(120).map(|h| h.object.namespace.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn assigns_from_every_range_and_never_an_excluded_port() {
+        let pool = PortPool::new("100-103,200-201".parse().unwrap(), "101,103".parse().unwrap(), Some(range(201, 201)))
+            .unwrap();
+        let mut table = PortTable::with_pool(pool);
+        assert_eq!(table.free_in_range(), 3);
+        let r = table.reserve(&obj("a"), ["k1", "k2", "k3", "k4"], &mut all_free);
+        let got: HashSet<u16> = r.ports.values().copied().collect();
+        assert_eq!(got, HashSet::from([100, 102, 200]));
+        assert_eq!(r.shortage, Some(Shortage::RangeExhausted));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`world`]: one test's namespace and node, objects, in-process agents.
 //! - [`process`]: `portassign` agent and janitor processes.
 //! - [`restricted`]: an agent identity with one permission less than the chart's.
+//! - [`netns`]: network namespaces as nodes with network stacks of their own (root).
 //! - [`wait`]: typed waits and predicates on PortAssignments.
 //!
 //! Agents and janitors started through the kit run with the credentials of the chart's
@@ -15,6 +16,7 @@
 
 pub mod chart;
 pub mod cluster;
+pub mod netns;
 pub mod process;
 pub mod restricted;
 pub mod wait;

@@ -33,7 +33,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Environment variables that would change an agent's settings behind the test's back.
-const SETTINGS_ENV: [&str; 14] = [
+const SETTINGS_ENV: [&str; 16] = [
     "NODE_NAME",
     "POD_NAME",
     "PORTASSIGN_LOCK_NAME",
@@ -41,6 +41,8 @@ const SETTINGS_ENV: [&str; 14] = [
     "PORTASSIGN_WRITE_RATE",
     "PORTASSIGN_WRITE_BURST",
     "PORTASSIGN_PORT_RANGE",
+    "PORTASSIGN_EXCLUDE_PORTS",
+    "PORTASSIGN_NODE_PORT_RANGE",
     "PORTASSIGN_CONCURRENCY",
     "PORTASSIGN_LISTEN",
     "PORTASSIGN_LOG_FORMAT",

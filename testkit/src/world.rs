@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Namespace, events::v1::Event};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    events::v1::Event,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -22,7 +25,7 @@ use portassign::{
         probe::{PortProbe, SocketProbe},
     },
     api::{PortAssignment, PortAssignmentSpec, Protocol},
-    range::PortRange,
+    range::{PortPool, PortRange},
 };
 
 use crate::{
@@ -109,14 +112,21 @@ impl World {
     /// Starts an in-process agent for `node` with `probe`, as the chart's ServiceAccount,
     /// and waits until it is ready.
     pub async fn agent_for(&self, node: &str, range: PortRange, probe: Arc<dyn PortProbe>) -> Running {
-        self.agent_as(&self.agent_identity, self.agent_config(node, range), probe).await
+        self.agent_with(node, range.into(), probe).await
     }
 
-    /// The settings of the kit's in-process agents for `node` (defaults otherwise).
-    pub fn agent_config(&self, node: &str, range: PortRange) -> agent::Config {
+    /// Starts an in-process agent for `node` assigning from `pool` (several ranges minus
+    /// exclusions) with `probe`, as the chart's ServiceAccount, and waits until it is ready.
+    pub async fn agent_with(&self, node: &str, pool: PortPool, probe: Arc<dyn PortProbe>) -> Running {
+        self.agent_as(&self.agent_identity, self.agent_config(node, pool), probe).await
+    }
+
+    /// The settings of the kit's in-process agents for `node` (defaults otherwise),
+    /// assigning from `pool` (a range, or several minus exclusions).
+    pub fn agent_config(&self, node: &str, pool: impl Into<PortPool>) -> agent::Config {
         agent::Config {
             node_name: node.to_owned(),
-            range,
+            pool: pool.into(),
             concurrency: 16,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance: Some(format!("test-{node}")),
@@ -151,6 +161,30 @@ impl World {
             },
         );
         self.api().create(&PostParams::default(), &object).await.unwrap_or_else(|e| panic!("create {name}: {e}"))
+    }
+
+    /// Creates a Pod in the test's namespace already bound to `node` (`spec.nodeName` set,
+    /// as the scheduler would; no kubelet runs it), with `spec` merged in.
+    pub async fn create_pod(&self, node: &str, name: &str, spec: serde_json::Value) -> Pod {
+        let mut pod_spec =
+            serde_json::json!({ "nodeName": node, "containers": [{ "name": "main", "image": "pause" }] });
+        if let (Some(base), Some(extra)) = (pod_spec.as_object_mut(), spec.as_object()) {
+            base.extend(extra.clone());
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({ "metadata": { "name": name }, "spec": pod_spec }))
+            .expect("a Pod manifest");
+        self.pods().create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("create pod {name}: {e}"))
+    }
+
+    /// The Pod API of the test's namespace (admin).
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Sets a pod's `status.phase` through the status subresource, as the kubelet would.
+    pub async fn set_pod_phase(&self, name: &str, phase: &str) {
+        let patch = serde_json::json!({ "status": { "phase": phase } });
+        self.pods().patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await.expect("set pod phase");
     }
 
     /// Replaces the keys of an object.
@@ -240,6 +274,7 @@ impl World {
                 let _ = self.api().delete(&name, &DeleteParams::default()).await;
             }
         }
+        let _ = self.pods().delete_collection(&DeleteParams::default().grace_period(0), &Default::default()).await;
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
     }

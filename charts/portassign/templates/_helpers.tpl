@@ -84,9 +84,9 @@ defaulting to the chart's appVersion).
 {{- end }}
 
 {{/*
-The port range as the agent's --port-range value, after checking what values.schema.json
-cannot express (it cannot compare two fields): first <= last, privileged ports only when
-allowed, and the HTTP port outside the range.
+The port ranges (portRange, then extraPortRanges) as the agent's --port-range value,
+after checking what values.schema.json cannot express (it cannot compare two fields):
+first <= last, privileged ports only when allowed, and the HTTP port outside every range.
 */}}
 {{- define "portassign.portRange" -}}
 {{- $first := int .Values.portRange.first }}
@@ -104,14 +104,31 @@ allowed, and the HTTP port outside the range.
 {{- if and (ge $metrics $first) (le $metrics $last) }}
 {{- fail (printf "metricsPort (%d) lies inside portRange %d-%d: the agent's own HTTP port would be handed out as well; move one of them" $metrics $first $last) }}
 {{- end }}
-{{- printf "%d-%d" $first $last }}
+{{- $ranges := list (printf "%d-%d" $first $last) }}
+{{- range $i, $extra := .Values.extraPortRanges }}
+{{- $f := int $extra.first }}
+{{- $l := int $extra.last }}
+{{- if gt $f $l }}
+{{- fail (printf "extraPortRanges[%d].first (%d) is above its last (%d): the range would be empty; set first <= last" $i $f $l) }}
+{{- end }}
+{{- if and (lt $f 1024) (not $.Values.allowPrivilegedPorts) }}
+{{- fail (printf "extraPortRanges[%d].first (%d) is a privileged port (below 1024): set allowPrivilegedPorts: true to allow it, or start the range at 1024 or above" $i $f) }}
+{{- end }}
+{{- if and (ge $metrics $f) (le $metrics $l) }}
+{{- fail (printf "metricsPort (%d) lies inside extraPortRanges[%d] %d-%d: the agent's own HTTP port would be handed out as well; move one of them" $metrics $i $f $l) }}
+{{- end }}
+{{- $ranges = append $ranges (printf "%d-%d" $f $l) }}
+{{- end }}
+{{- join "," $ranges }}
 {{- end }}
 
 {{/*
 Whether the agent needs to bind ports below 1024.
 */}}
 {{- define "portassign.bindsPrivilegedPorts" -}}
-{{- if or (lt (int .Values.portRange.first) 1024) (lt (int .Values.metricsPort) 1024) }}true{{- end }}
+{{- $low := or (lt (int .Values.portRange.first) 1024) (lt (int .Values.metricsPort) 1024) }}
+{{- range .Values.extraPortRanges }}{{- if lt (int .first) 1024 }}{{- $low = true }}{{- end }}{{- end }}
+{{- if $low }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -138,4 +155,23 @@ helm.sh/chart: {{ include "portassign.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: portassign
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+The excluded ports as the agent's --exclude-ports value (empty when none), each checked
+to be a port or a range of ports 1-65535, first <= last (the schema checks the shape).
+*/}}
+{{- define "portassign.excludePorts" -}}
+{{- range .Values.excludePorts }}
+{{- $bounds := splitList "-" . }}
+{{- $first := int (first $bounds) }}
+{{- $last := int (last $bounds) }}
+{{- if or (gt $first 65535) (gt $last 65535) }}
+{{- fail (printf "excludePorts item %q is not a port 1-65535 or a range of them" .) }}
+{{- end }}
+{{- if gt $first $last }}
+{{- fail (printf "excludePorts item %q is empty: the first port must not be above the last" .) }}
+{{- end }}
+{{- end }}
+{{- join "," .Values.excludePorts }}
 {{- end }}
