@@ -275,10 +275,10 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let taken: Vec<String> =
         grown.iter().filter(|(_, p)| published.contains(p)).map(|(k, p)| format!("{k}={p}")).collect();
     assert!(taken.is_empty(), "keys got ports a hostPort pod publishes on {victim_node}: {taken:?}");
-    let why = portassign::agent::http::get(&format!(
-        "http://{}:{AGENT_PORT}/debug/table?port={}",
-        addresses[&victim_node], published[0]
-    ))
+    let why = portassign::agent::http::get_with(
+        &format!("http://{}:{AGENT_PORT}/debug/table?port={}", addresses[&victim_node], published[0]),
+        Some(&token),
+    )
     .await
     .expect("explain");
     assert!(why.1.contains("pod-host-port"), "/debug/table?port= names the pod: {}", why.1);
