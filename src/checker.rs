@@ -218,6 +218,139 @@ pub fn pod_conflicts(objects: &[PortAssignment], pods: &[Pod]) -> Vec<Violation>
     out
 }
 
+/// The label that exempts a pod (or a namespace) from the chart's admission policy.
+pub const EXEMPT_LABEL: &str = "portassign.io/host-ports";
+/// The chart's admission policy's annotations: the ranges it keeps, and the ports in them
+/// the agent never assigns (so the policy admits them).
+pub const POLICY_RANGES_ANNOTATION: &str = "portassign.io/port-ranges";
+/// See [`POLICY_RANGES_ANNOTATION`].
+pub const POLICY_NEVER_ANNOTATION: &str = "portassign.io/never-assigned";
+
+/// The host ports the cluster keeps for portassign on a node: its ranges, minus the ports
+/// the agent never assigns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptPorts {
+    /// The agent's ranges.
+    pub ranges: PortRanges,
+    /// Ports of the ranges it never assigns (`--exclude-ports`, the NodePort range).
+    pub never: PortRanges,
+}
+
+impl KeptPorts {
+    /// Whether a pod declaring `port` would be refused by the admission policy.
+    pub fn keeps(&self, port: u16) -> bool {
+        self.ranges.contains(port) && !self.never.contains(port)
+    }
+
+    /// What the chart's admission policy keeps, from its annotations; `None` when it
+    /// carries none or they do not parse.
+    pub fn from_policy(annotations: &BTreeMap<String, String>) -> Option<Self> {
+        let ranges: PortRanges = annotations.get(POLICY_RANGES_ANNOTATION)?.parse().ok()?;
+        let never = annotations.get(POLICY_NEVER_ANNOTATION).map_or(Ok(PortRanges::default()), |n| n.parse()).ok()?;
+        (!ranges.is_empty()).then_some(Self { ranges, never })
+    }
+
+    /// What an agent keeps, from its table: its ranges minus its exclusions.
+    pub fn from_table(table: &TableDocument) -> Option<Self> {
+        let ranges: PortRanges = table.range.parse().ok()?;
+        let mut never: Vec<PortRange> = Vec::new();
+        for text in [&table.skipped.excluded_by_flag, &table.skipped.nodeport_range] {
+            never.extend(text.parse::<PortRanges>().ok()?.ranges());
+        }
+        Some(Self { ranges, never: PortRanges::new(never) })
+    }
+}
+
+impl fmt::Display for KeptPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.ranges)?;
+        if !self.never.is_empty() {
+            write!(f, " (except {})", self.never)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pod that declares a host port the cluster keeps for portassign: one the admission
+/// policy would refuse today (made before it, or exempt).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInRange {
+    /// The pod's node, `None` while unscheduled.
+    pub node: Option<String>,
+    /// The pod, `namespace/name`.
+    pub pod: String,
+    /// Its container declaring the port.
+    pub container: String,
+    /// The port and its protocol, `20017/TCP`.
+    pub port: String,
+    /// Whether the port is a container port of a hostNetwork pod (else a hostPort).
+    pub host_network: bool,
+    /// Whether the pod carries the exemption label.
+    pub labelled: bool,
+    /// The kept ports it falls in.
+    pub kept: String,
+}
+
+impl fmt::Display for PodInRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.host_network { "hostNetwork port" } else { "hostPort" };
+        write!(
+            f,
+            "node {}: pod {} container {} declares {kind} {} in portassign's ranges {}",
+            self.node.as_deref().unwrap_or("(unscheduled)"),
+            self.pod,
+            self.container,
+            self.port,
+            self.kept
+        )?;
+        if self.labelled {
+            write!(f, " (labelled {EXEMPT_LABEL}=allowed)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Pods that are not terminal and declare, on their node, a port `kept` says the cluster
+/// keeps for portassign (`kept` gives it per node, `None` for the pods of a node it does
+/// not know): every hostPort of any protocol, and every containerPort of a hostNetwork
+/// pod, in containers and init containers. Read from the Pod objects directly, like the
+/// admission policy reads them, not through the agent's code.
+pub fn pods_in_ranges(pods: &[Pod], kept: impl Fn(Option<&str>) -> Option<KeptPorts>) -> Vec<PodInRange> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let Some(spec) = pod.spec.as_ref().filter(|_| !matches!(phase, Some("Succeeded" | "Failed"))) else {
+            continue;
+        };
+        let node = spec.node_name.clone();
+        let Some(kept) = kept(node.as_deref()) else { continue };
+        let host_network = spec.host_network == Some(true);
+        let labelled = pod.labels().get(EXEMPT_LABEL).is_some_and(|v| v == "allowed");
+        for container in spec.init_containers.iter().flatten().chain(&spec.containers) {
+            for port in container.ports.iter().flatten() {
+                let (number, on_host_network) = match port.host_port {
+                    Some(host) if host > 0 => (host, false),
+                    _ if host_network => (port.container_port, true),
+                    _ => continue,
+                };
+                let Ok(number) = u16::try_from(number) else { continue };
+                if kept.keeps(number) {
+                    out.push(PodInRange {
+                        node: node.clone(),
+                        pod: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                        container: container.name.clone(),
+                        port: format!("{number}/{}", port.protocol.as_deref().unwrap_or("TCP")),
+                        host_network: on_host_network,
+                        labelled,
+                        kept: kept.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +462,70 @@ mod tests {
                 "node n1: port 101 held by ns/a key k2 is declared by pod web/same (TCP): traffic to it may reach the pod"
             ]
         );
+    }
+
+    #[test]
+    fn lists_pods_declaring_a_kept_port_whatever_the_protocol() {
+        let pod = |name: &str, spec: serde_json::Value, labels: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "web", "labels": labels },
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let ports = |ports: serde_json::Value| serde_json::json!({ "nodeName": "n1", "containers": [{ "name": "c", "ports": ports }] });
+        let pods = [
+            pod(
+                "in",
+                ports(serde_json::json!([{ "containerPort": 80, "hostPort": 150, "protocol": "SCTP" }])),
+                serde_json::json!({}),
+            ),
+            pod("outside", ports(serde_json::json!([{ "containerPort": 80, "hostPort": 250 }])), serde_json::json!({})),
+            pod(
+                "excluded",
+                ports(serde_json::json!([{ "containerPort": 80, "hostPort": 122 }])),
+                serde_json::json!({}),
+            ),
+            pod("no-host-port", ports(serde_json::json!([{ "containerPort": 150 }])), serde_json::json!({})),
+            pod(
+                "host-network",
+                serde_json::json!({ "nodeName": "n2", "hostNetwork": true, "initContainers": [{ "name": "side", "restartPolicy": "Always", "ports": [{ "containerPort": 101, "protocol": "UDP" }] }], "containers": [{ "name": "c" }] }),
+                serde_json::json!({ "portassign.io/host-ports": "allowed" }),
+            ),
+            pod(
+                "unknown-node",
+                serde_json::json!({ "nodeName": "n3", "containers": [{ "name": "c", "ports": [{ "containerPort": 1, "hostPort": 150 }] }] }),
+                serde_json::json!({}),
+            ),
+        ];
+        let kept = KeptPorts { ranges: "100-199".parse().unwrap(), never: "120-129".parse().unwrap() };
+        let found: Vec<String> = pods_in_ranges(&pods, |node| (node != Some("n3")).then(|| kept.clone()))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "node n1: pod web/in container c declares hostPort 150/SCTP in portassign's ranges 100-199 (except 120-129)",
+                "node n2: pod web/host-network container side declares hostNetwork port 101/UDP in portassign's ranges 100-199 (except 120-129) (labelled portassign.io/host-ports=allowed)",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_kept_ports_come_from_the_policys_annotations_or_an_agents_table() {
+        let annotations: BTreeMap<String, String> = [
+            (POLICY_RANGES_ANNOTATION.to_owned(), "20000-29999,40000-40999".to_owned()),
+            (POLICY_NEVER_ANNOTATION.to_owned(), "22,30000-32767".to_owned()),
+        ]
+        .into();
+        let kept = KeptPorts::from_policy(&annotations).expect("parsed");
+        assert!(kept.keeps(20000) && kept.keeps(40999) && !kept.keeps(19999) && !kept.keeps(30000));
+        assert_eq!(KeptPorts::from_policy(&BTreeMap::new()), None);
+        let mut table = agent("n1", &[]);
+        table.skipped.excluded_by_flag = "150-159".into();
+        let kept = KeptPorts::from_table(&table).expect("parsed");
+        assert!(kept.keeps(100) && !kept.keeps(155) && !kept.keeps(200));
     }
 
     #[test]

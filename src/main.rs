@@ -291,21 +291,85 @@ async fn run_check(args: CheckArgs) -> ExitCode {
         ranges: args.ranges.into_iter().collect(),
     };
     let mut violations = checker::check(&objects, &tables, &expect, k8s_openapi::jiff::Timestamp::now());
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
-    match pods.list(&Default::default()).await {
-        Ok(list) => violations.extend(checker::pod_conflicts(&objects, &list.items)),
-        Err(e) => eprintln!("warning: could not list pods ({e}): pods declaring held ports are not checked"),
-    }
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client.clone());
+    let pods = match pods.list(&Default::default()).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            eprintln!("warning: could not list pods ({e}): pods declaring held ports are not checked");
+            Vec::new()
+        }
+    };
+    violations.extend(checker::pod_conflicts(&objects, &pods));
     for v in &violations {
         println!("VIOLATION {v}");
     }
+    // Pods declaring a port of the ranges: the admission policy refuses new ones, so these
+    // were made before it (or are exempt). Not violations: the agents never assign them.
+    let kept = kept_ports(&client, &tables, &expect.ranges).await;
+    let mut in_range = checker::pods_in_ranges(&pods, |node| node.and_then(|n| kept.nodes.get(n)).cloned());
+    for policy in &kept.policies {
+        let elsewhere = |node: Option<&str>| !node.is_some_and(|n| kept.nodes.contains_key(n));
+        in_range.extend(checker::pods_in_ranges(&pods, |node| elsewhere(node).then(|| policy.clone())));
+    }
+    for pod in &in_range {
+        println!("IN-RANGE {pod}");
+    }
+    if kept.policies.is_empty() && kept.nodes.is_empty() {
+        eprintln!(
+            "warning: no admission policy of the chart found and no agent given: pods declaring ports in portassign's ranges are not listed"
+        );
+    }
     println!(
-        "checked {} PortAssignments and {} agent tables: {} violations",
+        "checked {} PortAssignments and {} agent tables: {} violations, {} pod ports in the ranges",
         objects.len(),
         tables.len(),
-        violations.len()
+        violations.len(),
+        in_range.len()
     );
     if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// The host ports the cluster keeps for portassign, by node where known.
+struct Kept {
+    /// From the agents' tables and `--range`.
+    nodes: std::collections::HashMap<String, checker::KeptPorts>,
+    /// From the chart's admission policies (one per release): every other node's.
+    policies: Vec<checker::KeptPorts>,
+}
+
+/// What `check` knows of the ranges: each agent's table (its ranges and exclusions),
+/// `--range NODE=...`, and for every other node the chart's admission policy, read from
+/// the ValidatingAdmissionPolicies labelled `app.kubernetes.io/part-of=portassign`.
+async fn kept_ports(
+    client: &kube::Client,
+    tables: &[checker::TableDocument],
+    ranges: &std::collections::HashMap<String, PortRange>,
+) -> Kept {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+    use kube::ResourceExt as _;
+    let mut nodes: std::collections::HashMap<String, checker::KeptPorts> = ranges
+        .iter()
+        .map(|(node, range)| {
+            (node.clone(), checker::KeptPorts { ranges: (*range).into(), never: PortRanges::default() })
+        })
+        .collect();
+    for table in tables {
+        if let Some(kept) = checker::KeptPorts::from_table(table) {
+            nodes.insert(table.node.clone(), kept);
+        }
+    }
+    let policies: kube::Api<ValidatingAdmissionPolicy> = kube::Api::all(client.clone());
+    let policies = match policies
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/part-of=portassign"))
+        .await
+    {
+        Ok(list) => list.items.iter().filter_map(|p| checker::KeptPorts::from_policy(p.annotations())).collect(),
+        Err(e) => {
+            eprintln!("warning: could not list ValidatingAdmissionPolicies ({e}): the chart's ranges are not known");
+            Vec::new()
+        }
+    };
+    Kept { nodes, policies }
 }
 
 /// Prints what a lookup found; exit code 1 when nothing matches.

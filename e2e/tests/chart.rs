@@ -184,6 +184,28 @@ async fn install_upgrade_and_uninstall_do_what_the_readme_says() {
         args(&ds)
     );
     assert!(args(&ds).contains(&"--concurrency=4".to_owned()), "and the concurrency: {:?}", args(&ds));
+    // ...and what the admission policy refuses: the old range's ports are admitted again,
+    // the new range's refused (dry-run pods outside the release's namespace, which is exempt).
+    let checked = "portassign-chart-checked";
+    ensure_namespace(&client, checked).await.expect("namespace");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), checked);
+    let admitted = |port: u16| {
+        let pods = pods.clone();
+        async move {
+            let pod = serde_json::from_value(json!({
+                "metadata": { "name": "probe" },
+                "spec": { "containers": [{ "name": "c", "image": "x", "ports": [{ "containerPort": 80, "hostPort": port }] }] }
+            }))
+            .expect("pod");
+            pods.create(&kube::api::PostParams { dry_run: true, ..Default::default() }, &pod).await.is_ok()
+        }
+    };
+    portassign_testkit::eventually(
+        "the upgraded policy refuses 22500 and admits 24500",
+        std::time::Duration::from_secs(30),
+        || async { (!admitted(22500).await && admitted(24500).await).then_some(()) },
+    )
+    .await;
 
     helm(kubeconfig, &["uninstall", release, "-n", namespace, "--wait"]);
     assert!(daemonsets.get_opt(release).await.expect("get").is_none(), "the DaemonSet is gone");
@@ -195,6 +217,12 @@ async fn install_upgrade_and_uninstall_do_what_the_readme_says() {
         Api::<ClusterRoleBinding>::all(client.clone()).get_opt(release).await.expect("get").is_none(),
         "the ClusterRoleBinding is gone"
     );
+    portassign_testkit::eventually(
+        "the uninstalled policy refuses nothing",
+        std::time::Duration::from_secs(30),
+        || async { admitted(22500).await.then_some(()) },
+    )
+    .await;
     let crd = Api::<CustomResourceDefinition>::all(client).get_opt("portassignments.portassign.io").await.expect("get");
     assert!(crd.is_some(), "helm uninstall keeps the CRD (and the objects in it)");
 }

@@ -65,7 +65,8 @@ fn host_port_pod(node: &str, host_ports: &[u16], answer: &str) -> Pod {
         .collect();
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "hostport" },
+        // Exempt from the chart's admission policy, which would refuse its ports otherwise.
+        "metadata": { "name": "hostport", "labels": { (checker::EXEMPT_LABEL): "allowed" } },
         "spec": {
             "nodeName": node, "restartPolicy": "Never",
             "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
@@ -78,6 +79,32 @@ fn host_port_pod(node: &str, host_ports: &[u16], answer: &str) -> Pod {
         }
     }))
     .expect("hostPort pod")
+}
+
+/// A Deployment of one pod like [`host_port_pod`] (without the exemption label), its
+/// container port 8080 published on `host_port` of its node.
+fn host_port_deployment(name: &str, host_port: u16) -> serde_json::Value {
+    let image = std::env::var("PORTASSIGN_E2E_SANDBOX_IMAGE")
+        .expect("PORTASSIGN_E2E_SANDBOX_IMAGE (hack/kind/test.sh sets it)");
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": name },
+        "spec": {
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+                    "containers": [{
+                        "name": "web", "image": image, "imagePullPolicy": "Never",
+                        "args": ["8080", name],
+                        "ports": [{ "containerPort": 8080, "hostPort": host_port }],
+                        "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } }
+                    }]
+                }
+            }
+        }
+    })
 }
 
 /// Waits until the pod `name` runs and is Ready.
@@ -282,7 +309,61 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     .await
     .expect("explain");
     assert!(why.1.contains("pod-host-port"), "/debug/table?port= names the pod: {}", why.1);
+    // `portassign check` lists it from the chart's admission policy: made with the
+    // exemption label, it declares ports of the ranges.
+    let policies: Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy> =
+        Api::all(client.clone());
+    let kept = policies
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}")))
+        .await
+        .expect("the chart's admission policy")
+        .items
+        .iter()
+        .find_map(|p| checker::KeptPorts::from_policy(p.annotations()))
+        .expect("the chart installs its admission policy on kind");
+    let listed: Vec<String> =
+        checker::pods_in_ranges(&sandbox_pods.list(&ListParams::default()).await.unwrap().items, |_| {
+            Some(kept.clone())
+        })
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(listed.len(), published.len(), "each published port of the hostPort pod is listed: {listed:#?}");
+    assert!(
+        listed.iter().all(|l| l.contains(&format!("pod {ns}/hostport container web declares hostPort"))
+            && l.ends_with("(labelled portassign.io/host-ports=allowed)")),
+        "{listed:#?}"
+    );
     sandbox_pods.delete("hostport", &DeleteParams::default()).await.expect("delete the hostPort pod");
+
+    step(
+        "the chart's admission policy: kubectl apply refuses a Deployment with a hostPort in the range; one outside it runs",
+    );
+    let manifest = |name: &str, port: u16| {
+        let path = std::env::temp_dir().join(format!("{ns}-{name}.json"));
+        std::fs::write(&path, host_port_deployment(name, port).to_string()).expect("write the manifest");
+        path.display().to_string()
+    };
+    let inside = manifest("inside", env.range.first() + 7);
+    let (code, _, stderr) = env.kubectl(&["apply", "-n", &ns, "-f", &inside]).expect("kubectl apply");
+    assert_ne!(code, 0, "a Deployment with hostPort {} in {} was admitted", env.range.first() + 7, env.range);
+    for part in [
+        "ValidatingAdmissionPolicy",
+        &format!("container web declares hostPort {}/TCP in {}", env.range.first() + 7, env.range),
+        "portassign.io/host-ports=allowed",
+    ] {
+        assert!(stderr.contains(part), "the refusal lacks {part:?}: {stderr}");
+    }
+    let outside_port = env.range.last() + 1;
+    let outside = manifest("outside", outside_port);
+    let (code, _, stderr) = env.kubectl(&["apply", "-n", &ns, "-f", &outside]).expect("kubectl apply");
+    assert_eq!(code, 0, "a Deployment with hostPort {outside_port}, outside {}, was refused: {stderr}", env.range);
+    let (code, _, stderr) = env
+        .kubectl(&["rollout", "status", "-n", &ns, "deployment/outside", "--timeout=120s"])
+        .expect("kubectl rollout");
+    assert_eq!(code, 0, "the Deployment outside the range rolls out: {stderr}");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments.delete("outside", &DeleteParams::default()).await.expect("delete the Deployment");
     let before = all_ports(&api).await;
 
     step("an agent pod deleted: the DaemonSet brings it back, every port kept (the busy sandbox port too)");

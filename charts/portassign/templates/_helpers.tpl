@@ -175,3 +175,52 @@ to be a port or a range of ports 1-65535, first <= last (the schema checks the s
 {{- end }}
 {{- join "," .Values.excludePorts }}
 {{- end }}
+
+{{/*
+The ports the agent never assigns although in its ranges, as one --exclude-ports style
+list: the items of excludePorts, then the NodePort range unless nodePortRange is "none",
+each kept only if it overlaps one of the ranges.
+*/}}
+{{- define "portassign.neverAssigned" -}}
+{{- $candidates := list }}
+{{- with include "portassign.excludePorts" . }}{{- $candidates = splitList "," . }}{{- end }}
+{{- if ne .Values.nodePortRange "none" }}{{- $candidates = append $candidates .Values.nodePortRange }}{{- end }}
+{{- $ranges := splitList "," (include "portassign.portRange" .) }}
+{{- $excluded := list }}
+{{- range $candidates }}
+{{- $e := splitList "-" . }}
+{{- $overlaps := false }}
+{{- range $ranges }}
+{{- $r := splitList "-" . }}
+{{- if and (le (int (first $e)) (int (last $r))) (ge (int (last $e)) (int (first $r))) }}{{- $overlaps = true }}{{- end }}
+{{- end }}
+{{- if $overlaps }}{{- $excluded = append $excluded . }}{{- end }}
+{{- end }}
+{{- join "," $excluded }}
+{{- end }}
+
+{{/*
+A list of ports and ranges ("22,20000-29999") as a CEL list of [first, last] pairs.
+*/}}
+{{- define "portassign.celPairs" -}}
+{{- $pairs := list }}
+{{- range (. | splitList ",") }}
+{{- if . }}
+{{- $bounds := splitList "-" . }}
+{{- $pairs = append $pairs (printf "[%d, %d]" (int (first $bounds)) (int (last $bounds))) }}
+{{- end }}
+{{- end }}
+{{- printf "[%s]" (join ", " $pairs) }}
+{{- end }}
+
+{{/*
+Whether the chart installs the admission policy: asked for, and served by the API server.
+Against a cluster helm lists every served kind ("v1/Pod" among them); `helm template`
+without one lists group versions only, and then the policy is rendered (every Kubernetes
+the chart supports, 1.32 and later, serves it unless its API server turned it off).
+*/}}
+{{- define "portassign.admissionPolicy" -}}
+{{- $apis := .Capabilities.APIVersions }}
+{{- $served := or ($apis.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") (not ($apis.Has "v1/Pod")) }}
+{{- if and .Values.admissionPolicy.enabled $served }}true{{- end }}
+{{- end }}
