@@ -56,8 +56,8 @@ crd: build ## Regenerate crds/ (and the chart's copy) from src/api.rs
 build: ## Build the portassign binary (debug)
 	$(CARGO) build
 
-tools: ## Build kube-apiserver, etcd, kubectl, helm and helm-unittest from Go modules into the cache
-	hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest
+tools: ## Build kube-apiserver, etcd, kubectl, helm, helm-unittest and promtool from Go modules into the cache
+	hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest promtool
 
 control-plane-up: ## Start a local control plane in .local/control-plane (prints its kubeconfig)
 	hack/control-plane.sh up .local/control-plane

@@ -8,7 +8,7 @@
 # Usage: hack/build-tools.sh [TOOL ...]
 #   (default: etcd kube-apiserver kubectl helm)
 #   TOOL is one of: kube-apiserver kubectl etcd helm helm-unittest (prints a HELM_PLUGINS
-#   directory) kind, or, for hack/kind/node-image.sh,
+#   directory) promtool kind, or, for hack/kind/node-image.sh,
 #   kubelet kubeadm kube-controller-manager kube-scheduler kube-proxy
 #   containerd (with ctr and containerd-shim-runc-v2) crictl
 #   cni-plugins (host-local loopback ptp portmap) coredns pause (C, needs gcc and a
@@ -129,6 +129,20 @@ build_kind() {
   log "building kind $KIND_VERSION"
   mkdir -p "$out.tmp"
   GOBIN="$out.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION" >&2
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  echo "$out"
+}
+
+# promtool (Prometheus's rule checker and unit tester, for the chart's PrometheusRule):
+# `go install` of its command at the module version (Prometheus 3.x is published as
+# module v0.3xx), like kind.
+build_promtool() {
+  local out; out=$(tool_dir promtool "$PROMETHEUS_VERSION")
+  [ -x "$out/promtool" ] && { echo "$out"; return; }
+  log "building promtool $PROMETHEUS_VERSION (a few minutes on a cold cache)"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >&2
   rm -rf "$out"; mv "$out.tmp" "$out"
   echo "$out"
 }
@@ -256,6 +270,7 @@ for t in "${tools[@]}"; do
     helm) build_helm ;;
     kind) build_kind ;;
     helm-unittest) build_helm_unittest ;;
+    promtool) build_promtool ;;
     containerd) build_containerd ;;
     crictl) build_crictl ;;
     cni-plugins) build_cni_plugins ;;

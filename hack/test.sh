@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: every check and test, with everything they need built or started here.
 #
-#   1. tools: etcd, kube-apiserver, kubectl, helm, helm-unittest from their Go modules
+#   1. tools: etcd, kube-apiserver, kubectl, helm, helm-unittest, promtool from their Go modules
 #      (cached by version in ~/.cache/portassign/tools)
 #   2. cargo fmt --check, cargo clippy -D warnings (the whole workspace)
 #   3. the chart's templates: helm lint, helm-unittest (hack/chart-unittest.sh)
@@ -20,7 +20,7 @@ started=$(date +%s)
 step() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 
 step "tools (cached after the first build)"
-hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest >/dev/null
+hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest promtool >/dev/null
 
 step "format and clippy"
 cargo fmt --all -- --check

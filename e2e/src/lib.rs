@@ -91,6 +91,14 @@ impl Installed {
     /// Sets up the provider `PORTASSIGN_E2E_PROVIDER` names: installs (or upgrades) the
     /// chart and waits until an agent is ready on every node.
     pub async fn up() -> anyhow::Result<Installed> {
+        let mut installed = Self::connect().await?;
+        installed.install().await?;
+        Ok(installed)
+    }
+
+    /// The provider's cluster as the admin, with nothing installed or changed (for a test
+    /// that installs a chart of its own, such as an older release).
+    pub async fn connect() -> anyhow::Result<Installed> {
         let provider = Provider::from_env()?;
         let work = std::env::temp_dir().join(format!("portassign-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&work)?;
@@ -117,8 +125,19 @@ impl Installed {
             reader: None,
             _cluster: cluster,
         };
-        installed.install().await?;
+        if provider == Provider::Kind {
+            installed.nodes = node_names(&installed.client()).await?;
+        }
         Ok(installed)
+    }
+
+    /// The suite's reader ServiceAccount (bound by the release's httpAuth values) and its
+    /// identity in `self.reader`.
+    pub async fn ensure_reader(&mut self) -> anyhow::Result<()> {
+        let client = self.client();
+        ensure_service_account(&client, RELEASE, READER).await?;
+        self.reader = Some(service_account_identity(&client, self.kubeconfig(), &self.work, RELEASE, READER).await?);
+        Ok(())
     }
 
     /// The admin's kubeconfig.
@@ -207,9 +226,7 @@ impl Installed {
             self.uninstall()?;
         }
         self.helm_upgrade(&[])?;
-        let client = self.client();
-        ensure_service_account(&client, RELEASE, READER).await?;
-        self.reader = Some(service_account_identity(&client, self.kubeconfig(), &self.work, RELEASE, READER).await?);
+        self.ensure_reader().await?;
         match self.provider {
             Provider::Local => self.start_local_agents().await,
             Provider::Kind => self.wait_for_daemonset().await,

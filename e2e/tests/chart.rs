@@ -30,15 +30,21 @@ fn helm(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The Prometheus Operator's ServiceMonitor kind, as a stub that accepts any fields, so
-/// the dry-run can check the envelope of the chart's ServiceMonitor.
+/// The Prometheus Operator's ServiceMonitor and PrometheusRule kinds, as stubs that
+/// accept any fields, so the dry-run can check the envelope of the chart's objects.
 async fn stub_service_monitor_crd(client: &Client) {
+    for (kind, plural) in [("ServiceMonitor", "servicemonitors"), ("PrometheusRule", "prometheusrules")] {
+        stub_monitoring_crd(client, kind, plural).await;
+    }
+}
+
+async fn stub_monitoring_crd(client: &Client, kind: &str, plural: &str) {
     let crd: CustomResourceDefinition = serde_json::from_value(json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "servicemonitors.monitoring.coreos.com" },
+        "metadata": { "name": format!("{plural}.monitoring.coreos.com") },
         "spec": {
             "group": "monitoring.coreos.com", "scope": "Namespaced",
-            "names": { "kind": "ServiceMonitor", "listKind": "ServiceMonitorList", "plural": "servicemonitors", "singular": "servicemonitor" },
+            "names": { "kind": kind, "listKind": format!("{kind}List"), "plural": plural, "singular": kind.to_lowercase() },
             "versions": [{ "name": "v1", "served": true, "storage": true,
                 "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } } }]
         }
@@ -49,9 +55,13 @@ async fn stub_service_monitor_crd(client: &Client) {
         .await
         .expect("stub CRD");
     portassign_testkit::eventually(
-        "the stub ServiceMonitor kind is served",
+        &format!("the stub {kind} kind is served"),
         std::time::Duration::from_secs(30),
-        || async { Discovery::new(client.clone()).run().await.ok()?.has_group("monitoring.coreos.com").then_some(()) },
+        || async {
+            let discovery = Discovery::new(client.clone()).run().await.ok()?;
+            let gvk = kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind);
+            discovery.resolve_gvk(&gvk).map(|_| ())
+        },
     )
     .await;
 }

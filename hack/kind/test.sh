@@ -6,10 +6,13 @@
 #   1. hack/kind/cluster.sh up      the offline kind cluster (engine, node image; cached)
 #   2. hack/kind/image.sh load      the repository's image, loaded into every node; and the
 #                                   same runtime stage around e2e's sandbox stand-in
-#   3. cargo test -p portassign-e2e --features kind, with the kind provider: the suite
-#      (e2e/tests/suite.rs) and the real-pod scenarios (e2e/tests/kind.rs), against the
-#      chart's DaemonSet running that image
-#   4. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
+#   3. the previous release (hack/kind/previous.sh: its source from git history, its
+#      agent binary; cached) and its image, for the upgrade test
+#   4. cargo test -p portassign-e2e --features kind, with the kind provider: the suite
+#      (e2e/tests/suite.rs), the upgrade from the previous release (e2e/tests/upgrade.rs)
+#      and the real-pod scenarios (e2e/tests/kind.rs), against the chart's DaemonSet
+#      running that image
+#   5. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
 #
 # Environment: KEEP_CLUSTER, and those of cluster.sh and image.sh.
 set -euo pipefail
@@ -44,9 +47,17 @@ cargo build --locked --bin portassign
 cargo build --locked -p portassign-e2e --bin sandbox
 sandbox=$(PORTASSIGN_BINARY=${CARGO_TARGET_DIR:-$REPO/target}/debug/sandbox PORTASSIGN_IMAGE=portassign-e2e-sandbox:dev \
   "$KIND_DIR/image.sh" load | tail -n 1)
-phase "end-to-end suite and real-pod scenarios (kind provider, image $image)"
+phase "the previous release, for the upgrade test"
+previous=$("$KIND_DIR/previous.sh")
+previous_src=$(sed -n 1p <<<"$previous")
+previous_image=$(PORTASSIGN_BINARY=$(sed -n 2p <<<"$previous") PORTASSIGN_IMAGE=portassign:0.1.0-previous \
+  "$KIND_DIR/image.sh" load | tail -n 1)
+phase "end-to-end suite, upgrade and real-pod scenarios (kind provider, image $image)"
 export PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
-  PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox
-# The suite first: the scenarios end by deleting a worker node.
+  PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox PORTASSIGN_E2E_PREVIOUS_SRC=$previous_src \
+  PORTASSIGN_E2E_PREVIOUS_IMAGE=$previous_image
+# The suite first, then the upgrade (it reinstalls the release from the previous chart);
+# the scenarios last: they end by deleting a worker node.
 cargo test --locked -p portassign-e2e --features kind --test suite -- --nocapture
+cargo test --locked -p portassign-e2e --features kind --test upgrade -- --nocapture
 cargo test --locked -p portassign-e2e --features kind --test kind -- --nocapture

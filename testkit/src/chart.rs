@@ -51,3 +51,10 @@ pub fn service_account_of(objects: &[Value], kind: &str) -> anyhow::Result<Strin
         .map(str::to_owned)
         .with_context(|| format!("the chart renders no {kind} with a serviceAccountName"))
 }
+
+/// The chart's version, from its Chart.yaml.
+pub fn chart_version() -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(chart_dir().join("Chart.yaml")).context("reading Chart.yaml")?;
+    let chart: Value = serde_saphyr::from_str(&text).context("Chart.yaml is not YAML")?;
+    chart["version"].as_str().map(str::to_owned).context("Chart.yaml has no version")
+}
