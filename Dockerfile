@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The portassign agent image.
 #
-#   docker build -t portassign:0.1.0 .
+#   docker build -t portassign:0.2.0 .
 #
 # builds the binary in a Rust stage and puts it on gcr.io/distroless/cc-debian12:nonroot:
 # the image users get (BuildKit, the default builder of current Docker releases).
@@ -25,7 +25,7 @@ ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:nonroot
 # dynamically, so distroless/cc rather than distroless/static. Nothing else: no shell, no
 # package manager. The binary is added by the stages below.
 FROM ${RUNTIME_BASE} AS runtime
-ARG VERSION=0.1.0
+ARG VERSION=0.2.0
 LABEL org.opencontainers.image.title="portassign" \
       org.opencontainers.image.description="Kubernetes node agent that hands out host ports verified free on each node" \
       org.opencontainers.image.version="${VERSION}" \

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart fuzz chaos e2e e2e-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart package fuzz chaos e2e e2e-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ chaos: ## The long chaos test: 30 agent kills and an API-server kill over 3 minu
 test-chart: ## The chart: helm lint and helm-unittest, then its checks against a local API server
 	hack/chart-unittest.sh
 	$(CARGO) test -p portassign-e2e --test chart
+
+package: ## The chart archive in dist/, reproducible (same sources, same bytes), with Artifact Hub annotations
+	hack/package.sh dist
 
 e2e: ## The end-to-end suite on a local control plane (chart installed with helm, agents as processes)
 	$(CARGO) build --bin portassign

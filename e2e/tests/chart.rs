@@ -272,3 +272,41 @@ async fn install_refuses_a_namespace_enforcing_baseline_and_takes_the_documented
     helm(cluster.kubeconfig(), &install);
     namespaces.delete(&namespace, &Default::default()).await.unwrap();
 }
+
+/// `make package` (hack/package.sh): the same sources give the same bytes, a second
+/// apart; the archive carries the Artifact Hub annotations and renders what the chart's
+/// folder renders.
+#[test]
+fn make_package_is_reproducible() {
+    let package = |dir: &std::path::Path| -> std::path::PathBuf {
+        let output = Command::new(portassign_testkit::repo_root().join("hack/package.sh"))
+            .arg(dir)
+            .output()
+            .expect("hack/package.sh");
+        assert!(output.status.success(), "hack/package.sh: {}", String::from_utf8_lossy(&output.stderr));
+        std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    };
+    let base = std::env::temp_dir().join(portassign_testkit::unique("package"));
+    let first = package(&base.join("a"));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let second = package(&base.join("b"));
+    let version = chart::chart_version().expect("Chart.yaml");
+    assert_eq!(first.file_name().unwrap().to_string_lossy(), format!("portassign-{version}.tgz"));
+    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap(), "two packages of one tree differ");
+
+    let helm = tool("helm").expect("helm");
+    let shown = Command::new(&helm).args(["show", "chart"]).arg(&first).output().expect("helm show chart");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for annotation in
+        ["artifacthub.io/images", "artifacthub.io/crds", "artifacthub.io/changes", "artifacthub.io/license"]
+    {
+        assert!(shown.contains(annotation), "the archive's Chart.yaml lacks {annotation}:\n{shown}");
+    }
+    let template = |chart: &std::path::Path| {
+        let output = Command::new(&helm).args(["template", "r"]).arg(chart).output().expect("helm template");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        output.stdout
+    };
+    assert_eq!(template(&first), template(&chart::chart_dir()), "the archive renders what the chart's folder renders");
+    let _ = std::fs::remove_dir_all(&base);
+}
