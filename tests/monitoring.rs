@@ -165,6 +165,18 @@ fn series_of_finds_the_series_and_skips_functions_and_labels() {
     );
 }
 
+/// Runs `promtool ARGS FILE` and fails with what it printed unless it succeeds.
+fn promtool_ok(promtool: &std::path::Path, args: &[&str], file: &std::path::Path) {
+    let output = Command::new(promtool).args(args).arg(file).output().expect("run promtool");
+    assert!(
+        output.status.success(),
+        "promtool {}:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn promtool_fires_each_alert_where_it_should_and_nowhere_else() {
     let spec = rendered_rules();
@@ -181,13 +193,7 @@ fn promtool_fires_each_alert_where_it_should_and_nowhere_else() {
         names.push(rule["alert"].as_str().expect("alert").to_owned());
     }
     std::fs::write(dir.join("shipped.yaml"), spec.to_string()).unwrap();
-    let check = Command::new(&promtool).arg("check").arg("rules").arg(dir.join("shipped.yaml")).output().unwrap();
-    assert!(
-        check.status.success(),
-        "promtool check rules: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    promtool_ok(&promtool, &["check", "rules"], &dir.join("shipped.yaml"));
 
     // The unit tests compare labels; annotations are left out (promtool compares them verbatim).
     let mut bare = spec.clone();
@@ -199,13 +205,7 @@ fn promtool_fires_each_alert_where_it_should_and_nowhere_else() {
     std::fs::write(dir.join("rules.yaml"), bare.to_string()).unwrap();
     let tests = portassign_testkit::repo_root().join("charts/portassign/tests/promtool/alerts.yaml");
     std::fs::copy(&tests, dir.join("alerts.yaml")).unwrap();
-    let run = Command::new(&promtool).arg("test").arg("rules").arg(dir.join("alerts.yaml")).output().unwrap();
-    assert!(
-        run.status.success(),
-        "promtool test rules:\n{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    promtool_ok(&promtool, &["test", "rules"], &dir.join("alerts.yaml"));
 
     // Each alert has a case where it fires and one where it stays quiet.
     let text = std::fs::read_to_string(&tests).unwrap();

@@ -344,6 +344,22 @@ impl Installed {
     }
 }
 
+/// Each node's InternalIP.
+pub async fn node_addresses(nodes: &Api<Node>) -> BTreeMap<String, String> {
+    let mut addresses = BTreeMap::new();
+    for node in nodes.list(&ListParams::default()).await.expect("nodes").items {
+        let ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .map(|a| a.address.clone())
+            .expect("an InternalIP");
+        addresses.insert(node.name_any(), ip);
+    }
+    addresses
+}
+
 /// The names of the cluster's nodes.
 async fn node_names(client: &Client) -> anyhow::Result<Vec<String>> {
     Ok(Api::<Node>::all(client.clone())

@@ -19,7 +19,7 @@ use portassign::{
     api::{PortAssignment, PortAssignmentSpec, reason},
     checker::{self, Expectations},
 };
-use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example};
+use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example, node_addresses};
 use portassign_testkit::{cluster::ensure_namespace, eventually, ports_of, ready_reason, unique};
 
 /// The chart's default metrics port: where each agent serves `/debug/table`.
@@ -129,22 +129,6 @@ async fn answer_on(address: &str) -> String {
 
 fn step(what: &str) {
     println!("\n=== {what}");
-}
-
-/// Each node's InternalIP.
-async fn node_addresses(nodes: &Api<Node>) -> BTreeMap<String, String> {
-    let mut addresses = BTreeMap::new();
-    for node in nodes.list(&ListParams::default()).await.expect("nodes").items {
-        let ip = node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-            .map(|a| a.address.clone())
-            .expect("an InternalIP");
-        addresses.insert(node.name_any(), ip);
-    }
-    addresses
 }
 
 /// Runs the checker over every object and every node's agent until it is clean and every

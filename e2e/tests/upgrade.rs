@@ -25,7 +25,7 @@ use portassign::{
     api::PortAssignment,
     checker::{self, Expectations},
 };
-use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example};
+use portassign_e2e::{Installed, Provider, RELEASE, TIMEOUT, example, node_addresses};
 use portassign_testkit::{cluster::ensure_namespace, eventually, ports_of, unique};
 
 /// The agents' HTTP port (both charts' default).
@@ -128,19 +128,7 @@ async fn upgrading_from_the_previous_chart_as_the_changelog_says_keeps_every_por
     );
 
     let nodes = env.nodes.clone();
-    let mut addresses = BTreeMap::new();
-    for node in
-        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).list(&ListParams::default()).await.unwrap().items
-    {
-        let ip = node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-            .map(|a| a.address.clone())
-            .expect("InternalIP");
-        addresses.insert(node.name_any(), ip);
-    }
+    let addresses = node_addresses(&Api::all(client.clone())).await;
     let ns = unique("upgrade");
     ensure_namespace(&client, &ns).await.expect("namespace");
     let api: Api<PortAssignment> = Api::namespaced(client.clone(), &ns);
