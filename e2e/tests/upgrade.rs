@@ -2,10 +2,11 @@
 //! previous release — chart 0.1.0, whose agent selector lacked `component: agent`, with an
 //! agent image built from the same commit (`hack/kind/previous.sh`) — installed with
 //! keys holding ports on every node, then upgraded to the working tree's chart exactly as
-//! CHANGELOG.md says (the CRD first, the DaemonSet deleted with `--cascade=orphan`, then
-//! `helm upgrade`). No port moves, no key loses its port, no node ever runs two agent
-//! containers at once (sampled throughout), and the invariant checker agrees with every
-//! agent's memory before and after.
+//! CHANGELOG.md says (the CRD first, the DaemonSet deleted with `--cascade=orphan`,
+//! `helm upgrade`, then `kubectl rollout restart`). No port moves, no key loses its port,
+//! every 0.1.0 agent is replaced, no node ever runs two agent containers at once (sampled
+//! throughout), and the invariant checker agrees with every agent's memory before and
+//! after.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -149,6 +150,8 @@ async fn upgrading_from_the_previous_chart_as_the_changelog_says_keeps_every_por
     let held: usize = before.values().map(BTreeMap::len).sum();
     println!("{held} keys hold ports on {} nodes under chart 0.1.0", nodes.len());
 
+    let old_agents = running_agents(&pods).await;
+    assert_eq!(old_agents.len(), nodes.len(), "one previous agent per node: {old_agents:?}");
     // Watch, through the whole upgrade, how many agent containers run on each node.
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -162,14 +165,14 @@ async fn upgrading_from_the_previous_chart_as_the_changelog_says_keeps_every_por
                     }
                 }
                 samples += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             (samples, doubles)
         })
     };
 
     // CHANGELOG.md, "upgrading from 0.1.0": the CRD first, then the DaemonSet deleted
-    // with its pods kept, then helm upgrade.
+    // with its pods kept, then helm upgrade, then a restart of the DaemonSet.
     env.ensure_reader().await.expect("the reader ServiceAccount");
     let crds = format!("{}/crds/", portassign_testkit::repo_root().display());
     let (code, _, stderr) =
@@ -180,10 +183,24 @@ async fn upgrading_from_the_previous_chart_as_the_changelog_says_keeps_every_por
         .expect("kubectl delete --cascade=orphan");
     assert_eq!(code, 0, "{stderr}");
     env.helm_upgrade(&[]).expect("helm upgrade to the working tree's chart");
+    // The adopted 0.1.0 pods look up to date to the new DaemonSet (same
+    // pod-template-generation): the restart CHANGELOG.md asks for replaces them.
+    let (code, _, stderr) =
+        env.kubectl(&["-n", RELEASE, "rollout", "restart", "daemonset", RELEASE]).expect("kubectl rollout restart");
+    assert_eq!(code, 0, "{stderr}");
     env.rolled_out().await;
+    // The new DaemonSet adopts the orphaned pods and replaces each (its template differs).
+    eventually("every previous agent replaced", TIMEOUT, || async {
+        let now = running_agents(&pods).await;
+        old_agents
+            .iter()
+            .all(|(node, old)| now.get(node).is_some_and(|new| new.len() == 1 && !old.contains(&new[0])))
+            .then_some(())
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     let (samples, doubles) = sampler.await.expect("the sampler");
-    assert!(samples > 10, "the agents were sampled {samples} times");
+    assert!(samples >= 3, "the agents were sampled {samples} times");
     assert!(doubles.is_empty(), "two agent containers ran on one node at once: {doubles:?}");
 
     let token = env.reader.as_ref().expect("reader").token();
