@@ -113,7 +113,10 @@ impl Pool {
         if name.len() <= 253 {
             return name;
         }
-        format!("ports-{}-{:016x}{suffix}", &node[..200], fnv1a(node))
+        // At most 200 bytes of the node name, cut on a character boundary (the name is not
+        // validated here, and may hold multi-byte characters).
+        let cut = (0..=200).rev().find(|&i| node.is_char_boundary(i)).unwrap_or(0);
+        format!("ports-{}-{:016x}{suffix}", &node[..cut], fnv1a(node))
     }
 }
 

@@ -43,6 +43,13 @@ fn default_pools_are_named_after_node_and_protocol() {
     let long = "n".repeat(253);
     let name = Pool::default_name(&long, Protocol::TcpUdp);
     assert!(name.len() <= 253 && name.ends_with("-tcpudp"), "{name}");
+    // A node name is not validated here: one whose 200th byte falls inside a character
+    // is cut before that character (it used to panic), and two such names stay apart.
+    for long in ["é".repeat(150), format!("n{}", "é".repeat(150)), format!("{}€", "n".repeat(199))] {
+        let name = Pool::default_name(&long, Protocol::Tcp);
+        assert!(name.len() <= 253, "{name}");
+        assert_ne!(name, Pool::default_name(&format!("{long}x"), Protocol::Tcp), "the hash tells them apart");
+    }
 }
 
 #[test]
