@@ -3,7 +3,8 @@
 #
 #   1. tools: etcd, kube-apiserver, kubectl, helm, helm-unittest, promtool from their Go modules
 #      (cached by version in ~/.cache/portassign/tools)
-#   2. cargo fmt --check, cargo clippy -D warnings (the whole workspace)
+#   2. cargo fmt --check, cargo clippy -D warnings (the whole workspace), and the fuzz
+#      targets compiled (cargo check; `make fuzz` runs them)
 #   3. the chart's templates: helm lint, helm-unittest (hack/chart-unittest.sh)
 #   4. one local etcd + kube-apiserver, shared by every test binary through
 #      PORTASSIGN_TEST_KUBECONFIG (set it yourself to use another cluster instead)
@@ -25,6 +26,9 @@ hack/build-tools.sh etcd kube-apiserver kubectl helm helm-unittest promtool >/de
 step "format and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets are a workspace of their own (built with sanitizers by `make fuzz`):
+# checked here so that a change of the product's API cannot leave them broken.
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 
 step "chart templates: helm lint, helm-unittest"
 hack/chart-unittest.sh
