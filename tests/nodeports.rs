@@ -294,3 +294,60 @@ async fn kernel_reserved_ports_are_never_assigned_and_a_change_applies_without_r
     drop(plane);
     drop(nodes);
 }
+
+/// The agent's `HostPortConflict` events in the test's namespace, as the API server has them.
+async fn conflict_events(w: &World) -> usize {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(w.client.clone(), &w.ns);
+    let list = events.list(&Default::default()).await.expect("list events").items;
+    list.iter().filter(|e| e.reason.as_deref() == Some("HostPortConflict")).count()
+}
+
+/// Conflict events are API writes too: under a tiny `--write-rate` they arrive no faster
+/// than the bound (burst + rate × time since the agent started), counted at the API
+/// server, and all of them arrive in the end, each counted in `portassign_writes_total`.
+#[tokio::test(flavor = "multi_thread")]
+async fn conflict_events_take_their_turn_under_the_write_rate() {
+    const PODS: u16 = 6;
+    let rate = portassign::agent::throttle::Rate { per_second: 2.0, burst: 3 };
+    let w = World::new("conflictrate").await;
+    let range = port_block(PODS);
+    let mut config = w.agent_config(&w.node, range);
+    config.writes = rate;
+    let start = std::time::Instant::now();
+    let agent = w.agent_as(&w.agent_identity, config, Arc::new(SocketProbe::detect())).await;
+    let keys: Vec<String> = (0..PODS).map(|i| format!("k{i}")).collect();
+    w.create("pool", &keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let ports = w.ready_ports("pool").await;
+    // Every held port declared by a pod of its own: two events each (object and pod).
+    for (i, port) in ports.values().enumerate() {
+        let spec = json!({ "containers": [{ "name": "c", "image": "pause", "ports": [host_port(*port, "TCP")] }] });
+        w.create_pod(&w.node, &format!("late-{i}"), spec).await;
+    }
+    let expected = 2 * usize::from(PODS);
+    let mut samples = 0;
+    loop {
+        let seen = conflict_events(&w).await;
+        let allowed = f64::from(rate.burst) + rate.per_second * start.elapsed().as_secs_f64();
+        assert!(
+            seen as f64 <= allowed,
+            "{seen} conflict events after {:?}: more than {allowed:.1} writes",
+            start.elapsed()
+        );
+        samples += 1;
+        if seen == expected {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{seen} of {expected} conflict events after 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(samples > 10, "sampled {samples} times: the bound must show");
+    let (_, metrics) =
+        get_with(&format!("http://{}/metrics", agent.http_addr), Some(&w.reader_identity.token())).await.expect("GET");
+    let writes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portassign_writes_total ").and_then(|v| v.parse().ok()))
+        .expect("portassign_writes_total");
+    assert!(writes >= expected as f64, "{writes} writes counted for {expected} conflict events and more");
+    agent.stop().await.unwrap();
+    w.cleanup().await;
+}

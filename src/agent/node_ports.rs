@@ -558,7 +558,6 @@ fn report_conflict(ctx: &Context, c: &Conflict, uid: Option<String>) {
 }
 
 fn publish(ctx: &Context, regarding: ObjectReference, related: Option<ObjectReference>, note: String) {
-    let recorder = ctx.recorder.clone();
     let event = Event {
         type_: EventType::Warning,
         reason: event_reason::HOST_PORT_CONFLICT.into(),
@@ -566,11 +565,7 @@ fn publish(ctx: &Context, regarding: ObjectReference, related: Option<ObjectRefe
         action: "Allocate".into(),
         secondary: related,
     };
-    tokio::spawn(async move {
-        if let Err(error) = recorder.publish(&event, &regarding).await {
-            warn!(%error, "could not publish a HostPortConflict event");
-        }
-    });
+    ctx.publish_event(regarding, event);
 }
 
 /// Reads the kernel's reserved ports now.

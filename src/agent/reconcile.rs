@@ -123,16 +123,18 @@ impl Context {
 
     /// Publishes an event about the object `reference` points to.
     pub fn publish_on(&self, reference: ObjectReference, type_: EventType, reason: &str, note: String) {
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        self.publish_event(reference, event);
+    }
+
+    /// Publishes `event` about the object `reference` points to, in the background and
+    /// within the write-rate bound like every other API write; a failure is only logged.
+    pub fn publish_event(&self, reference: ObjectReference, mut event: Event) {
         let recorder = self.recorder.clone();
         let throttle = self.throttle.clone();
         let metrics = self.metrics.clone();
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate(note, 1000)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        event.note = event.note.map(|note| truncate(note, 1000));
         tokio::spawn(async move {
             metrics.write(throttle.acquire().await);
             if let Err(error) = recorder.publish(&event, &reference).await {
