@@ -447,6 +447,7 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
             max_connections: args.http_max_connections.into(),
             ..Default::default()
         },
+        faults: Default::default(),
     };
     let running = agent::start(client, config, Arc::new(SocketProbe::detect())).await.map_err(|e| e.to_string())?;
     let token = running.shutdown_token();

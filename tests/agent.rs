@@ -303,6 +303,7 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         retry: Default::default(),
         writes: Default::default(),
         http: Default::default(),
+        faults: Default::default(),
     };
     let agent = portassign::agent::start(
         client,

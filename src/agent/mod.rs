@@ -12,6 +12,7 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`backoff`]: per-object retry delays after failed reconciles (sans-IO).
 //! - [`throttle`]: the token bucket that bounds the agent's write rate.
+//! - [`supervise`]: the background tasks, owned: one that ends stops the agent.
 
 use std::{
     collections::HashMap,
@@ -50,6 +51,7 @@ pub mod node_ports;
 pub mod probe;
 pub mod reconcile;
 pub mod server;
+pub mod supervise;
 pub mod table;
 pub mod throttle;
 
@@ -85,6 +87,8 @@ pub struct Config {
     pub writes: throttle::Rate,
     /// Authentication and bounds of the HTTP server.
     pub http: server::HttpOptions,
+    /// Faults injected into the background tasks (tests; none by default).
+    pub faults: supervise::Faults,
 }
 
 /// Failures that stop the agent.
@@ -102,6 +106,9 @@ pub enum Error {
     /// The agent task panicked or was aborted.
     #[error("the agent task ended abnormally: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A background task ended before the agent was told to stop (module [`supervise`]).
+    #[error("{0}; stopped")]
+    TaskEnded(String),
 }
 
 /// A started agent.
@@ -111,6 +118,7 @@ pub struct Running {
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Running {
@@ -119,17 +127,26 @@ impl Running {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Stops the agent gracefully: in-flight reconciles finish, then it returns.
+    /// Stops the agent gracefully: in-flight reconciles finish, then it returns. An error
+    /// if a background task had ended before (the agent had stopped itself).
     pub async fn stop(self) -> Result<(), Error> {
         self.shutdown.cancel();
-        self.task.await?;
-        Ok(())
+        self.wait().await
     }
 
-    /// Waits until the agent stops on its own or is told to by `shutdown`.
+    /// Waits until the agent stops: told to by `shutdown` (`Ok`), or because one of its
+    /// background tasks ended (`Error::TaskEnded`, naming it).
     pub async fn wait(self) -> Result<(), Error> {
         self.task.await?;
-        Ok(())
+        match self.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(message) => Err(Error::TaskEnded(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// The readiness `/readyz` serves, readable after the agent stopped.
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
     }
 
     /// The token that stops this agent when cancelled.
@@ -162,17 +179,19 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
     });
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let tasks = supervise::Supervisor::new(config.faults.clone(), ready.clone(), shutdown.clone(), failure.clone());
 
     let access = config.http.authenticate.then(|| Arc::new(auth::Access::kubernetes(client.clone())));
     if access.is_none() {
         warn!(http = %http_addr, "/metrics and /debug/table are served to anyone who can reach this address (authentication is off)");
     }
     let app = http::router(ctx.clone(), ready.clone(), access);
-    tokio::spawn(server::serve(listener, app, config.http.clone(), shutdown.clone()));
+    tasks.spawn(supervise::HTTP_SERVER, server::serve(listener, app, config.http.clone(), shutdown.clone()));
     info!(node = %config.node_name, ports = %config.pool, http = %http_addr, "agent starting");
 
-    let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone()));
-    Ok(Running { http_addr, ready, shutdown, task })
+    let task = tokio::spawn(run(ctx, config, ready.clone(), woken, shutdown.clone(), tasks));
+    Ok(Running { http_addr, ready, shutdown, task, failure })
 }
 
 async fn run(
@@ -181,6 +200,7 @@ async fn run(
     ready: Arc<AtomicBool>,
     woken: mpsc::UnboundedReceiver<kube::runtime::reflector::ObjectRef<DeserializeGuard<PortAssignment>>>,
     shutdown: CancellationToken,
+    tasks: supervise::Supervisor,
 ) {
     // One agent per node: a second one waits here, reading and writing nothing, and
     // starts from the statuses as at start once the first is gone.
@@ -192,9 +212,9 @@ async fn run(
     // The node's pods and the kernel's reservations are known before anything is
     // assigned: the pod watch lists while the table is rebuilt.
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
-    tokio::spawn(node_ports::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
+    tasks.spawn(supervise::POD_WATCH, node_ports::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
     node_ports::read_reserved(&ctx);
-    tokio::spawn(node_ports::refresh_reserved(ctx.clone(), shutdown.clone()));
+    tasks.spawn(supervise::RESERVED_PORTS, node_ports::refresh_reserved(ctx.clone(), shutdown.clone()));
     let mut delay = Duration::from_millis(200);
     loop {
         match rebuild(&api, &selector, &ctx).await {
@@ -229,7 +249,7 @@ async fn run(
         .modify(|object| object.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects();
-    tokio::spawn(release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
+    tasks.spawn(supervise::VANISHED_SWEEP, release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
     Controller::for_stream(objects, store)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .reconcile_on(UnboundedReceiverStream::new(woken))

@@ -134,6 +134,7 @@ impl World {
             retry: agent::backoff::Policy::default(),
             writes: agent::throttle::Rate::default(),
             http: Default::default(),
+            faults: Default::default(),
         }
     }
 
