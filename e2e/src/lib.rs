@@ -266,7 +266,7 @@ impl Installed {
 
     /// Every node runs a Ready agent pod of the DaemonSet.
     async fn wait_for_daemonset(&mut self) -> anyhow::Result<()> {
-        self.nodes = node_names(&self.client()).await?;
+        // `connect` listed them.
         ensure!(!self.nodes.is_empty(), "the kind cluster has no nodes");
         self.rolled_out().await;
         Ok(())

@@ -116,7 +116,7 @@ async fn apply(client: &Client, rendered: &[Value], kind: &str, plural: &str) ->
 }
 
 /// Deletes the `kind` named `name`: whether there was one.
-async fn delete_all(client: &Client, kind: &str, plural: &str, name: &str) -> bool {
+async fn delete_named(client: &Client, kind: &str, plural: &str, name: &str) -> bool {
     let resource =
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind), plural);
     Api::<DynamicObject>::all_with(client.clone(), &resource).delete(name, &DeleteParams::default()).await.is_ok()
@@ -159,8 +159,9 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
     // (once the API server has let go of it).
     let fullname = "e2e-admission";
     let name = "e2e-admission-host-ports";
-    let left = delete_all(&client, "ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings", name).await;
-    delete_all(&client, "ValidatingAdmissionPolicy", "validatingadmissionpolicies", name).await;
+    let left =
+        delete_named(&client, "ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings", name).await;
+    delete_named(&client, "ValidatingAdmissionPolicy", "validatingadmissionpolicies", name).await;
     if left {
         let probe = pod(json!({}), spec(host_port(41001, "TCP")));
         eventually("the policy of an earlier run gone", Duration::from_secs(30), || async {
@@ -408,10 +409,10 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
     assert!(warning.contains("container web declares hostPort 41050/TCP") && warning.contains(range), "{warning}");
 
     for name in &binding {
-        delete_all(&client, "ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings", name).await;
+        delete_named(&client, "ValidatingAdmissionPolicyBinding", "validatingadmissionpolicybindings", name).await;
     }
     for name in &policy {
-        delete_all(&client, "ValidatingAdmissionPolicy", "validatingadmissionpolicies", name).await;
+        delete_named(&client, "ValidatingAdmissionPolicy", "validatingadmissionpolicies", name).await;
     }
     for namespace in [&checked, &exempt, &release] {
         let _ = namespaces.delete(namespace, &DeleteParams::default()).await;

@@ -214,6 +214,13 @@ A list of ports and ranges ("22,20000-29999") as a CEL list of [first, last] pai
 {{- end }}
 
 {{/*
+Name of the admission policy and its binding.
+*/}}
+{{- define "portassign.admissionPolicyName" -}}
+{{- printf "%s-host-ports" (include "portassign.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
 Whether the chart installs the admission policy: asked for, and served by the API server.
 Against a cluster helm lists every served kind ("v1/Pod" among them); `helm template`
 without one lists group versions only, and then the policy is rendered (every Kubernetes
