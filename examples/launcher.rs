@@ -12,7 +12,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use portassign::client::{Pool, PortClient};
+use portassign_client::{Pool, PortClient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

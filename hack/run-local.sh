@@ -85,7 +85,7 @@ Edit spec.keys (kubectl edit pa ...) and watch ports come and go.
 Get a port from a program (README, "Getting a port from a program"):
   KUBECONFIG=$KUBECONFIG $bin acquire team-a/sandbox-9 --node $node   # prints the port
   KUBECONFIG=$KUBECONFIG $bin release team-a/sandbox-9
-  KUBECONFIG=$KUBECONFIG cargo run --example launcher -- --node $node
+  KUBECONFIG=$KUBECONFIG cargo run -p portassign-client --example launcher -- --node $node
     # examples/launcher.rs: acquires a port for a sandbox key, serves on it, shows it
     # reachable, releases it on Ctrl-C
 Ctrl-C stops everything.

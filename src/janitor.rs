@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{CONDITION_READY, FINALIZER, PortAssignment, event_reason, finalizer_removal_patch, reason};
+use portassign_api::{CONDITION_READY, FINALIZER, PortAssignment, event_reason, finalizer_removal_patch, reason};
 
 /// Field manager of the janitor's writes.
 pub const FIELD_MANAGER: &str = "portassign-janitor";

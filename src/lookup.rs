@@ -4,7 +4,7 @@
 use kube::{Api, Client, ResourceExt, api::ListParams};
 use serde::Serialize;
 
-use crate::{agent::node_selector, api::PortAssignment};
+use portassign_api::{PortAssignment, node_selector};
 
 /// One assignment found by a lookup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -122,7 +122,7 @@ pub fn render(matches: &[Match], format: Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol};
+    use portassign_api::{PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol};
 
     fn object(ns: &str, name: &str, node: &str, ports: &[(&str, u16)]) -> PortAssignment {
         let mut o = PortAssignment::new(

@@ -4,8 +4,9 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
 use portassign::{
+    acquire,
     agent::{self, probe::SocketProbe},
-    api, checker, client, lookup,
+    api, checker, lookup,
     range::{DEFAULT_RANGE, NODEPORT_RANGE, PortPool, PortRange, PortRanges, RangeError},
     telemetry::{self, LogFormat},
 };
@@ -34,9 +35,9 @@ enum Command {
     /// Check every guarantee against the statuses and the agents' tables; exit 1 on a violation.
     Check(CheckArgs),
     /// Get a port for a key on a node: prints it once the node's agent has assigned it.
-    Acquire(client::cli::AcquireArgs),
+    Acquire(acquire::AcquireArgs),
     /// Release a key's port: removes what the key's acquire added.
-    Release(client::cli::ReleaseArgs),
+    Release(acquire::ReleaseArgs),
 }
 
 #[derive(clap::Args)]
@@ -207,8 +208,8 @@ async fn main() -> ExitCode {
             run_lookup(lookup::Query::Port { port: args.port, node: args.node }, node, args.lookup).await
         }
         Command::Check(args) => run_check(args).await,
-        Command::Acquire(args) => client::cli::acquire(args).await,
-        Command::Release(args) => client::cli::release(args).await,
+        Command::Acquire(args) => acquire::acquire(args).await,
+        Command::Release(args) => acquire::release(args).await,
         Command::Janitor(args) => {
             telemetry::init(args.log_format);
             logged_exit(run_janitor(args).await)

@@ -400,7 +400,7 @@ async fn fifty_callers_share_one_pool_without_losing_a_key() {
     let left: BTreeSet<&String> = managers.iter().filter(|m| m.starts_with(client::KEY_MANAGER_PREFIX)).collect();
     assert!(left.is_empty(), "callers' managers left: {left:?}");
     let table =
-        portassign::agent::http::fetch_table(&format!("http://{}", agent.http_addr), Some(&w.reader_identity.token()))
+        portassign::checker::fetch_table(&format!("http://{}", agent.http_addr), Some(&w.reader_identity.token()))
             .await
             .expect("table");
     assert!(table.ports.is_empty(), "the agent still holds {} ports", table.ports.len());

@@ -11,8 +11,8 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use portassign::{
-    agent::http::{fetch_table, get, get_with},
     api::{FINALIZER, Protocol},
+    checker::{fetch_table, get, get_with},
 };
 use portassign_testkit::{World, eventually, keys, port_block, ports_of, ready_reason};
 

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use kube::{ResourceExt, api::PostParams};
 use portassign::{
-    agent::{Running, backoff::Policy, http::get_with, probe::SocketProbe, throttle::Rate},
+    agent::{Running, backoff::Policy, probe::SocketProbe, throttle::Rate},
     api::{FINALIZER, reason},
+    checker::get_with,
 };
 use portassign_testkit::{Cluster, World, eventually, port_block, restricted::Restricted};
 

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeSet, process::Command, sync::Arc, time::Duration};
 
-use portassign::agent::{http::get_with, probe::SocketProbe};
+use portassign::{agent::probe::SocketProbe, checker::get_with};
 use portassign_testkit::{Cluster, World, chart, eventually, port_block, restricted::Restricted, tool};
 use serde_json::Value;
 

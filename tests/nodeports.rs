@@ -8,11 +8,8 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use kube::api::DeleteParams;
 use portassign::{
-    agent::{
-        http::{TableDocument, fetch_table, get_with},
-        probe::SocketProbe,
-    },
-    checker,
+    agent::probe::SocketProbe,
+    checker::{self, TableDocument, fetch_table, get_with},
     range::{PortPool, PortRange},
 };
 use portassign_testkit::{

@@ -14,11 +14,9 @@ use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use portassign::agent::{
-    self,
-    http::{get, get_with},
-    probe::SocketProbe,
-    server::HttpOptions,
+use portassign::{
+    agent::{self, probe::SocketProbe, server::HttpOptions},
+    checker::{get, get_with},
 };
 use portassign_testkit::{AgentProcess, World, chart, eventually, port_block, unique};
 use serde_json::json;

@@ -18,9 +18,9 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use portassign::{
-    agent::http::{fetch_table, get, get_with},
     api::{PortAssignment, PortAssignmentSpec, Protocol},
     checker::{self, Expectations},
+    checker::{fetch_table, get, get_with},
     range::PortRange,
 };
 use portassign_testkit::{AgentProcess, World, eventually, port_block, ports_of};

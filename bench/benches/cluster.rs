@@ -62,8 +62,9 @@ use kube::{
     },
 };
 use portassign::{
-    agent::{http, reconcile::FIELD_MANAGER},
+    agent::reconcile::FIELD_MANAGER,
     api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol},
+    checker as http,
 };
 use portassign_testkit::{AgentProcess, Identity, cluster::ensure_namespace, portassign_bin};
 use procfs::{cpu_seconds, proc_status_kib};

@@ -49,8 +49,8 @@ use kube::{
     },
 };
 use portassign::{
-    agent::http,
     api::{PortAssignment, PortAssignmentSpec, Protocol},
+    checker as http,
 };
 use portassign_testkit::{
     AgentProcess, Cluster, Identity, cluster::ensure_namespace, portassign_bin, restricted::Restricted,

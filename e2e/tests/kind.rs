@@ -286,7 +286,7 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let taken: Vec<String> =
         grown.iter().filter(|(_, p)| published.contains(p)).map(|(k, p)| format!("{k}={p}")).collect();
     assert!(taken.is_empty(), "keys got ports a hostPort pod publishes on {victim_node}: {taken:?}");
-    let why = portassign::agent::http::get_with(
+    let why = portassign::checker::get_with(
         &format!("http://{}:{AGENT_PORT}/debug/table?port={}", addresses[&victim_node], published[0]),
         Some(&token),
     )

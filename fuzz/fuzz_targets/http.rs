@@ -28,20 +28,19 @@ use axum::{
 };
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use libfuzzer_sys::fuzz_target;
 use portassign::{
     agent::{
         auth::{Access, Reviewer, Verdict, bearer_token},
         backoff,
+        context::Context,
         http::{TableDocument, router},
-        metrics::Metrics,
         probe::SocketProbe,
-        reconcile::Context,
         server::{HttpOptions, serve},
-        table::PortTable,
         throttle,
     },
+    api::Protocol,
     range::PortRange,
 };
 use tokio::{
@@ -83,20 +82,18 @@ fn fixture() -> &'static Fixture {
             // A client of an API server that is not there: the routes never call it.
             let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
             let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
-            let mut table = PortTable::new(PortRange::new(20000, 20009).unwrap());
-            table.reserve(&portassign::api::ObjectId::new("ns", "o"), ["a", "b\"<>\u{7f}"], &mut |_| true);
-            let ctx = Arc::new(Context {
-                client: client.clone(),
-                node_name: "node".into(),
-                table: std::sync::Mutex::new(table),
-                probe: Arc::new(SocketProbe::detect()),
-                node_ports: Default::default(),
-                recorder: Recorder::new(client, Reporter { controller: "fuzz".into(), instance: None }),
-                metrics: Metrics::new(),
+            let ctx = Arc::new(Context::new(
+                client,
+                "node".into(),
+                PortRange::new(20000, 20009).unwrap().into(),
+                Arc::new(SocketProbe::detect()),
+                Reporter { controller: "fuzz".into(), instance: None },
+                backoff::Policy::default(),
+                throttle::Rate::default(),
                 wake,
-                backoff: std::sync::Mutex::new(backoff::Tracker::new(backoff::Policy::default())),
-                throttle: Arc::new(throttle::Throttle::new(throttle::Rate::default())),
-            });
+            ));
+            let object = portassign::api::ObjectId::new("ns", "o");
+            ctx.state().reserve(&object, Protocol::Tcp, ["a", "b\"<>\u{7f}"], ctx.probe());
             let ready = Arc::new(AtomicBool::new(true));
             let access = Arc::new(Access::new(Arc::new(StandIn)));
             let app = router(ctx, ready.clone(), Some(access));

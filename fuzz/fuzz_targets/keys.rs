@@ -10,7 +10,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use portassign::{
     agent::{
-        reconcile::{describe, truncate},
+        context::truncate,
+        reconcile::describe,
         table::{ObjectId, PortTable},
     },
     api::{PortAssignment, PortAssignmentSpec, PortAssignmentStatus, PortEntry},

@@ -30,6 +30,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use portassign_api::fnv1a;
+
 use super::metrics::Metrics;
 
 /// The lock name of `node`'s agent unless `--lock-name` says otherwise.
@@ -50,12 +52,6 @@ fn socket_name(name: &str) -> Vec<u8> {
     let mut out = name.as_bytes()[..MAX_NAME - suffix.len()].to_vec();
     out.extend_from_slice(suffix.as_bytes());
     out
-}
-
-/// FNV-1a, 64 bits: stable across builds, so agents of different versions derive the
-/// same name.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn address(name: &str) -> io::Result<SocketAddr> {

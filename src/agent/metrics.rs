@@ -11,6 +11,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::state::Gauges;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     error: &'static str,
@@ -220,18 +222,14 @@ impl Metrics {
         self.pod_conflicts_found.inc_by(n as u64);
     }
 
-    /// Sets the gauges of ports taken without a socket, and of current conflicts.
-    pub fn set_node_ports(&self, pod_ports: usize, reserved: usize, conflicts: usize) {
-        self.pod_ports.set(pod_ports as i64);
-        self.reserved_ports.set(reserved as i64);
-        self.pod_conflicts.set(conflicts as i64);
-    }
-
-    /// Sets the table gauges.
-    pub fn set_table(&self, held: usize, free_in_range: usize, objects: usize) {
-        self.ports_assigned.set(held as i64);
-        self.ports_free.set(free_in_range as i64);
-        self.objects.set(objects as i64);
+    /// Sets the gauges of the node's state: the table, pods' ports, reservations, conflicts.
+    pub fn set_state(&self, gauges: &Gauges) {
+        self.ports_assigned.set(gauges.held as i64);
+        self.ports_free.set(gauges.free_in_range as i64);
+        self.objects.set(gauges.objects as i64);
+        self.pod_ports.set(gauges.pod_ports as i64);
+        self.reserved_ports.set(gauges.reserved as i64);
+        self.pod_conflicts.set(gauges.conflicts as i64);
     }
 
     /// The metrics in the Prometheus text format.

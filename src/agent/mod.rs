@@ -1,11 +1,15 @@
 //! The node agent: rebuilds the node's table from the statuses, then runs the
 //! controller, and serves health, readiness, metrics and the table on HTTP.
 //!
-//! - [`table`]: the node's port table (sans-IO).
+//! - [`state`]: the node's state under one lock, the one place a port is allocated,
+//!   released or explained; made of
+//!   - [`table`]: the node's port table (sans-IO), and
+//!   - [`node_ports`]: ports taken without a socket (pods' ports, kernel reservations).
 //! - [`probe`]: checks a port is free on the node by binding it.
-//! - [`node_ports`]: ports taken without a socket (pods' ports, kernel reservations).
+//! - [`context`]: what the tasks share (state, client, events, metrics, write bound).
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
-//! - [`http`]: the HTTP routes and the `/debug/table` document.
+//! - [`pods`]: the pod watch, the kernel reservations' refresh, conflict events.
+//! - [`http`]: the HTTP routes.
 //! - [`auth`]: bearer tokens reviewed by the API server for `/metrics` and `/debug/table`.
 //! - [`server`]: the bounded HTTP server loop.
 //! - [`lock`]: the node lock that keeps a second agent of the node on standby.
@@ -33,9 +37,14 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Config as ControllerConfig,
-        events::{EventType, Recorder, Reporter},
+        events::{EventType, Reporter},
         reflector, watcher,
     },
+};
+pub use portassign_api::node_selector;
+use portassign_api::{
+    PortAssignment, Protocol, event_reason,
+    range::{PortPool, PortRange},
 };
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -44,26 +53,24 @@ use tracing::{info, warn};
 
 pub mod auth;
 pub mod backoff;
+pub mod context;
 pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod node_ports;
+pub mod pods;
 pub mod probe;
 pub mod reconcile;
 pub mod server;
+pub mod state;
 pub mod supervise;
 pub mod table;
 pub mod throttle;
 
 use self::{
-    metrics::Metrics,
+    context::Context,
     probe::PortProbe,
-    reconcile::Context,
-    table::{ObjectId, PortTable, Recorded},
-};
-use crate::{
-    api::{PortAssignment, event_reason},
-    range::{PortPool, PortRange},
+    table::{ObjectId, Recorded},
 };
 
 /// Settings of one node's agent.
@@ -165,18 +172,16 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
 
     let (wake, woken) = mpsc::unbounded_channel();
     let reporter = Reporter { controller: "portassign-agent".into(), instance: config.instance.clone() };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        node_name: config.node_name.clone(),
-        table: std::sync::Mutex::new(PortTable::with_pool(config.pool.clone())),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.node_name.clone(),
+        config.pool.clone(),
         probe,
-        node_ports: Default::default(),
-        recorder: Recorder::new(client.clone(), reporter),
-        metrics: Metrics::new(),
+        reporter,
+        config.retry,
+        config.writes,
         wake,
-        backoff: std::sync::Mutex::new(backoff::Tracker::new(config.retry)),
-        throttle: Arc::new(throttle::Throttle::new(config.writes)),
-    });
+    ));
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     let failure = Arc::new(std::sync::Mutex::new(None));
@@ -206,15 +211,15 @@ async fn run(
     // starts from the statuses as at start once the first is gone.
     let lock_name = config.lock_name.as_deref();
     let instance = config.instance.as_deref();
-    let Some(lock) = lock::hold(&config.node_name, lock_name, instance, &ctx.metrics, &shutdown).await else { return };
-    let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client.clone());
+    let Some(lock) = lock::hold(&config.node_name, lock_name, instance, ctx.metrics(), &shutdown).await else { return };
+    let api: Api<DeserializeGuard<PortAssignment>> = Api::all(ctx.client().clone());
     let selector = node_selector(&config.node_name);
     // The node's pods and the kernel's reservations are known before anything is
     // assigned: the pod watch lists while the table is rebuilt.
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
-    tasks.spawn(supervise::POD_WATCH, node_ports::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
-    node_ports::read_reserved(&ctx);
-    tasks.spawn(supervise::RESERVED_PORTS, node_ports::refresh_reserved(ctx.clone(), shutdown.clone()));
+    tasks.spawn(supervise::POD_WATCH, pods::watch_pods(ctx.clone(), synced_tx, shutdown.clone()));
+    pods::read_reserved(&ctx);
+    tasks.spawn(supervise::RESERVED_PORTS, pods::refresh_reserved(ctx.clone(), shutdown.clone()));
     let mut delay = Duration::from_millis(200);
     loop {
         match rebuild(&api, &selector, &ctx).await {
@@ -236,7 +241,7 @@ async fn run(
     if stopped {
         return lock.release().await;
     }
-    node_ports::recheck(&ctx);
+    pods::recheck(&ctx);
     ready.store(true, Ordering::SeqCst);
 
     // The controller's cache holds every object of the node: managed fields (a large
@@ -304,25 +309,25 @@ async fn release_vanished(
         for id in stale {
             ctx.end_backoff(&id, "object gone");
         }
-        let held = ctx.table().object_ids();
+        let held = ctx.state().table().object_ids();
         for id in held {
             let reference = kube::runtime::reflector::ObjectRef::new(&id.name).within(&id.namespace);
             if store.get(&reference).is_some() {
                 continue;
             }
-            match still_exists(&ctx.client, &id).await {
+            match still_exists(ctx.client(), &id).await {
                 Ok(false) => {
                     // Checked again under the table lock: a new object of the same name
                     // enters the store before any reconcile of it can take ports.
                     let released = {
-                        let mut table = ctx.table();
+                        let mut state = ctx.state();
                         if store.get(&reference).is_some() {
                             continue;
                         }
-                        table.release_object(&id)
+                        state.release_object(&id)
                     };
-                    ctx.metrics.released(released.ports.len());
-                    ctx.wake_waiting(&released);
+                    ctx.released(&released);
+                    ctx.update_gauges();
                     warn!(object = %id, ports = released.ports.len(), "object vanished without its finalizer running: released its ports");
                 }
                 Ok(true) => {}
@@ -342,11 +347,6 @@ async fn still_exists(client: &Client, id: &ObjectId) -> Result<bool, kube::Erro
     Ok(!api.list_metadata(&params).await?.items.is_empty())
 }
 
-/// The field selector that limits the agent to its node's objects.
-pub fn node_selector(node_name: &str) -> String {
-    format!("spec.nodeName={node_name}")
-}
-
 /// Rebuilds the table from the statuses of every live object of this node, resolving
 /// ports recorded twice in favour of the older object, with a Warning event.
 async fn rebuild(
@@ -358,6 +358,7 @@ async fn rebuild(
     let mut records = Vec::new();
     // Only a reference per object is kept (for the events of displaced keys), not the object.
     let mut references: HashMap<ObjectId, ObjectReference> = HashMap::new();
+    let mut protocols: HashMap<ObjectId, Protocol> = HashMap::new();
     let mut params = ListParams::default().fields(selector).limit(500);
     loop {
         let page = api.list(&params).await?;
@@ -371,8 +372,8 @@ async fn rebuild(
                 }
             };
             let Some(record) = recorded(&object) else { continue };
-            ctx.node_ports().remember(&record.object, object.spec.protocol);
-            references.insert(record.object.clone(), reconcile::event_reference(&object));
+            protocols.insert(record.object.clone(), object.spec.protocol);
+            references.insert(record.object.clone(), context::event_reference(&object));
             records.push(record);
         }
         match page.metadata.continue_ {
@@ -381,7 +382,7 @@ async fn rebuild(
         }
     }
     let count = records.len();
-    let displaced = ctx.table().rebuild(records);
+    let displaced = ctx.state().rebuild(records, &protocols);
     for d in &displaced {
         let Some(reference) = references.get(&d.loser.object) else { continue };
         let message = format!(
@@ -391,12 +392,12 @@ async fn rebuild(
         warn!(object = %d.loser.object, "{message}");
         ctx.publish_on(reference.clone(), EventType::Warning, event_reason::DUPLICATE_PORT, message);
     }
+    ctx.update_gauges();
     {
-        let table = ctx.table();
-        ctx.metrics.set_table(table.held(), table.free_in_range(), table.objects());
+        let held = ctx.state().table().held();
         info!(
             objects = count,
-            ports = table.held(),
+            ports = held,
             duplicates = displaced.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "table rebuilt from statuses"

@@ -7,7 +7,7 @@ use std::{
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
-use crate::api::Protocol;
+use portassign_api::Protocol;
 
 /// Says whether a port is free on the node. The seam lets tests declare ports busy.
 pub trait PortProbe: Send + Sync {

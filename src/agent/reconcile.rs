@@ -13,36 +13,30 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
     core::DeserializeGuard,
     runtime::{
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::EventType,
         finalizer::{self, Event as Finalizer},
-        reflector::ObjectRef,
     },
 };
+use portassign_api::{
+    CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, event_reason, finalizer_removal_patch,
+    reason,
+};
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use super::{
-    backoff::{Failure, Tracker},
-    metrics::Metrics,
-    node_ports::NodePorts,
-    probe::PortProbe,
-    table::{ObjectId, PortTable, Released, Reservation, Shortage},
-    throttle::Throttle,
-};
-use crate::api::{
-    CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, event_reason, finalizer_removal_patch,
-    reason,
+    backoff::Failure,
+    context::{Context, reference_to, truncate},
+    table::{ObjectId, Reservation, Shortage},
 };
 
 /// Field manager of every write the agent makes.
@@ -54,112 +48,6 @@ const SHORTAGE_RETRY: Duration = Duration::from_secs(20);
 /// Transient failures in a row after which the object's Ready condition (or an event)
 /// says why it waits; a refusal says so at its first failure.
 const TELL_TRANSIENT_AFTER: u32 = 5;
-
-/// What the reconciler shares across reconciles of one node.
-pub struct Context {
-    /// Client for writes.
-    pub client: Client,
-    /// The node this agent assigns ports on.
-    pub node_name: String,
-    /// The node's port table.
-    pub table: std::sync::Mutex<PortTable>,
-    /// Verifies ports free on the node.
-    pub probe: Arc<dyn PortProbe>,
-    /// Ports taken on the node without a socket (pods' ports, kernel reservations);
-    /// locked after `table` when both are needed.
-    pub node_ports: std::sync::Mutex<NodePorts>,
-    /// Publishes Kubernetes events.
-    pub recorder: Recorder,
-    /// Prometheus metrics.
-    pub metrics: Metrics,
-    /// Asks the controller to reconcile objects again (those waiting for a port).
-    pub wake: UnboundedSender<ObjectRef<DeserializeGuard<PortAssignment>>>,
-    /// Failure streaks of the objects in backoff.
-    pub backoff: std::sync::Mutex<Tracker>,
-    /// The bound on the agent's write rate; every API write takes a token first.
-    pub throttle: Arc<Throttle>,
-}
-
-impl Context {
-    /// Locks the table. A panic while holding the lock cannot leave it half-updated
-    /// (each method finishes its bookkeeping before returning), so poisoning is ignored.
-    pub fn table(&self) -> std::sync::MutexGuard<'_, PortTable> {
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Locks the backoff tracker (poisoning ignored, as for the table).
-    pub fn backoff(&self) -> std::sync::MutexGuard<'_, Tracker> {
-        self.backoff.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Waits until the write-rate limit lets one more API write start, and counts it.
-    pub async fn write_token(&self) {
-        let waited = self.throttle.acquire().await;
-        self.metrics.write(waited);
-    }
-
-    /// Ends `object`'s failure streak (it succeeded or is gone).
-    pub(crate) fn end_backoff(&self, object: &ObjectId, why: &str) {
-        let (ended, in_backoff) = {
-            let mut backoff = self.backoff();
-            (backoff.reset(object), backoff.len())
-        };
-        self.metrics.set_in_backoff(in_backoff);
-        if let Some(streak) = ended {
-            info!(object = %object, failures = streak.failures, after = ?streak.since.elapsed(), "{why}: backoff ended");
-        }
-    }
-
-    fn update_gauges(&self) {
-        let table = self.table();
-        self.metrics.set_table(table.held(), table.free_in_range(), table.objects());
-        self.set_node_gauges(&table);
-    }
-
-    /// Publishes an event without delaying the reconcile; a failure is only logged.
-    pub fn publish(&self, object: &PortAssignment, type_: EventType, reason: &str, note: String) {
-        self.publish_on(event_reference(object), type_, reason, note);
-    }
-
-    /// Publishes an event about the object `reference` points to.
-    pub fn publish_on(&self, reference: ObjectReference, type_: EventType, reason: &str, note: String) {
-        let event =
-            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-        self.publish_event(reference, event);
-    }
-
-    /// Publishes `event` about the object `reference` points to, in the background and
-    /// within the write-rate bound like every other API write; a failure is only logged.
-    pub fn publish_event(&self, reference: ObjectReference, mut event: Event) {
-        let recorder = self.recorder.clone();
-        let throttle = self.throttle.clone();
-        let metrics = self.metrics.clone();
-        event.note = event.note.map(|note| truncate(note, 1000));
-        tokio::spawn(async move {
-            metrics.write(throttle.acquire().await);
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                warn!(%error, "could not publish event");
-            }
-        });
-    }
-
-    /// Releases every port `object` holds, counts them and wakes objects waiting for a port.
-    pub(crate) fn release_object(&self, object: &ObjectId) -> usize {
-        let released = self.table().release_object(object);
-        self.end_backoff(object, "object gone");
-        self.node_ports().forget(object);
-        self.metrics.released(released.ports.len());
-        self.wake_waiting(&released);
-        released.ports.len()
-    }
-
-    /// Asks the controller to retry the objects that were short of ports.
-    pub(crate) fn wake_waiting(&self, released: &Released) {
-        for id in &released.wake {
-            let _ = self.wake.send(ObjectRef::new(&id.name).within(&id.namespace));
-        }
-    }
-}
 
 /// A reconcile that failed; retried after a short delay.
 #[derive(Debug, thiserror::Error)]
@@ -223,29 +111,19 @@ impl Error {
     }
 }
 
-/// The object an event is about, at the version it was reconciled at. The recorder
-/// merges events with the same reason and reference into one series that keeps the
-/// first note, so without the version a second `Assigned` (a key added later) would
-/// only bump the count of the first and its ports would appear in no event. With it,
-/// each change of the object gets events of its own, and only a true repeat (the same
-/// version reconciled again) is counted in a series.
-pub(crate) fn event_reference(object: &PortAssignment) -> ObjectReference {
-    ObjectReference { resource_version: object.metadata.resource_version.clone(), ..object.object_ref(&()) }
-}
-
 /// Reconciles one object: the single entry point of its lifecycle.
 pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer();
+    let _timer = ctx.metrics().reconcile_timer();
     let object = match &guarded.0 {
         Ok(object) => object,
         Err(invalid) => return reconcile_invalid(invalid, &ctx).await,
     };
-    if object.spec.node_name != ctx.node_name {
+    if object.spec.node_name != ctx.node_name() {
         // The field selector keeps other nodes' objects out; this guards a misconfigured watch.
         return Ok(Action::await_change());
     }
     let id = object.id();
-    let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let api: Api<PortAssignment> = Api::namespaced(ctx.client().clone(), &id.namespace);
     // The finalizer helper patches the object when it adds the finalizer (not being
     // deleted, finalizer missing) or removes it (being deleted, finalizer present).
     let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
@@ -275,19 +153,9 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
 async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
     let id = object.id();
     let protocol = object.spec.protocol;
-    let (reservation, pod_conflicts) = {
-        let mut table = ctx.table();
-        let mut node = ctx.node_ports();
-        node.remember(&id, protocol);
-        // Ports pods declare and ports the kernel reserves are looked up in memory
-        // before the probe's bind: no syscall for them.
-        let reservation = table.reserve(&id, object.spec.keys.iter().map(String::as_str), &mut |port| {
-            !node.taken(port, protocol) && ctx.probe.is_free(port, protocol)
-        });
-        let conflicts = node.conflicts_of(&id, &reservation.ports);
-        (reservation, conflicts)
-    };
-    ctx.metrics.allocated(reservation.added.len());
+    let keys = object.spec.keys.iter().map(String::as_str);
+    let (reservation, pod_conflicts) = ctx.state().reserve(&id, protocol, keys, ctx.probe());
+    ctx.metrics().allocated(reservation.added.len());
 
     let mut status = desired_status(object, &reservation);
     status.pod_conflicts = pod_conflicts;
@@ -304,9 +172,8 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
             Err(source) => return Err(Error::WriteStatus { object: id.clone(), source }),
         }
     }
-    let released = ctx.table().commit(&id, &reservation.ports);
-    ctx.metrics.released(released.ports.len());
-    ctx.wake_waiting(&released);
+    let released = ctx.state().commit(&id, &reservation.ports);
+    ctx.released(&released);
 
     if !reservation.added.is_empty() {
         info!(object = %id, added = reservation.added.len(), "assigned ports");
@@ -358,15 +225,10 @@ async fn reconcile_invalid(
     let meta = &invalid.metadata;
     let id = ObjectId::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
     warn!(object = %id, error = %invalid.error, "skipping a PortAssignment that cannot be decoded");
-    ctx.metrics.invalid_object();
-    let reference = ObjectReference {
-        api_version: Some(PortAssignment::api_version(&()).into()),
-        kind: Some(PortAssignment::kind(&()).into()),
-        name: meta.name.clone(),
-        namespace: meta.namespace.clone(),
-        uid: meta.uid.clone(),
+    ctx.metrics().invalid_object();
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
         resource_version: meta.resource_version.clone(),
-        field_path: None,
+        ..reference_to::<PortAssignment>(&id.namespace, &id.name, meta.uid.clone())
     };
     let note = format!("this agent cannot read the object ({}); it assigns no ports to it", invalid.error);
     ctx.publish_on(reference, EventType::Warning, event_reason::INVALID_OBJECT, note);
@@ -375,7 +237,7 @@ async fn reconcile_invalid(
         return Ok(Action::await_change());
     }
     ctx.release_object(&id);
-    let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client().clone(), &id.namespace);
     let patch = finalizer_removal_patch(meta);
     ctx.write_token().await;
     api.patch(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|source| Error::Finalizer {
@@ -390,14 +252,14 @@ async fn reconcile_invalid(
 /// object waits where its owner looks: its Ready condition, or an event when the status
 /// write itself is what fails.
 pub fn error_policy(object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_error(error.label());
+    ctx.metrics().reconcile_error(error.label());
     let (kind, code, message) = error.failure();
-    ctx.metrics.write_failure(kind.label(), code);
+    ctx.metrics().write_failure(kind.label(), code);
     let id = error.object().clone();
     let (retry, cap) = {
         let mut backoff = ctx.backoff();
         let retry = backoff.failed(&id, kind, &message, Instant::now(), fastrand::f64());
-        ctx.metrics.set_in_backoff(backoff.len());
+        ctx.metrics().set_in_backoff(backoff.len());
         (retry, backoff.policy().cap)
     };
     if retry.announce {
@@ -457,7 +319,7 @@ async fn tell_waiting(object: &PortAssignment, message: String, status_refused: 
                 _ => Time(Timestamp::now()),
             },
         };
-        let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), &id.namespace);
+        let api: Api<PortAssignment> = Api::namespaced(ctx.client().clone(), &id.namespace);
         let patch = json!({ "status": { "conditions": [condition] } });
         ctx.write_token().await;
         match api.patch_status(&id.name, &PatchParams::default(), &Patch::Merge(patch)).await {
@@ -526,7 +388,7 @@ async fn write_status(
     status: &PortAssignmentStatus,
     ctx: &Context,
 ) -> Result<(), kube::Error> {
-    let api: Api<PortAssignment> = Api::namespaced(ctx.client.clone(), object.namespace_or_default());
+    let api: Api<PortAssignment> = Api::namespaced(ctx.client().clone(), object.namespace_or_default());
     let name = object.name_any();
     ctx.write_token().await;
     let apply = json!({
@@ -546,7 +408,7 @@ async fn write_status(
 }
 
 fn shortage_message(shortage: Shortage, reservation: &Reservation, ctx: &Context) -> (&'static str, String) {
-    let range = ctx.table().pool().clone();
+    let range = ctx.state().table().pool().clone();
     let keys = reservation.unassigned.len();
     match shortage {
         Shortage::RangeExhausted => (
@@ -573,17 +435,4 @@ pub fn describe(ports: &[(String, u16)]) -> String {
     }
     let list: Vec<String> = sorted.iter().map(|(k, p)| format!("{k}={p}")).collect();
     format!("{} port(s): {}", ports.len(), list.join(", "))
-}
-
-/// Cuts `text` to at most `max` bytes (`max` >= 3) on a character boundary, ending in `...` when cut.
-pub fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max - 3;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
-    }
-    text
 }

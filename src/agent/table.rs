@@ -9,8 +9,8 @@ use std::{
     sync::Arc,
 };
 
-pub use crate::api::ObjectId;
-use crate::range::{PortPool, PortRange};
+pub use portassign_api::ObjectId;
+use portassign_api::range::{PortPool, PortRange};
 
 /// Who holds a port: one key of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]

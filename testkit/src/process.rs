@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portassign::{agent::http, range::PortRange};
+use portassign::{checker as http, range::PortRange};
 
 /// The `portassign` binary: `PORTASSIGN_BIN`, else `portassign` in the target directory
 /// of the running test (cargo builds it for the root package's tests; `make test`

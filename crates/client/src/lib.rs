@@ -20,7 +20,7 @@
 //! condition's reason, mapped in one table ([`SHORTAGES`]).
 //!
 //! ```no_run
-//! use portassign::client::{Pool, PortClient};
+//! use portassign_client::{Pool, PortClient};
 //!
 //! # async fn launch() -> Result<(), Box<dyn std::error::Error>> {
 //! let kube = kube::Client::try_default().await?;
@@ -55,9 +55,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::api::{MAX_KEY_LEN, MAX_KEYS, PortAssignment, PortAssignmentSpec, Protocol, reason};
-
-pub mod cli;
+use portassign_api::{MAX_KEY_LEN, MAX_KEYS, PortAssignment, PortAssignmentSpec, Protocol, fnv1a, reason};
 
 /// Field manager of the pool objects the client creates: it owns `spec.nodeName` and
 /// `spec.protocol`, so releasing every key never touches them.
@@ -116,7 +114,7 @@ impl Pool {
         // At most 200 bytes of the node name, cut on a character boundary (the name is not
         // validated here, and may hold multi-byte characters).
         let cut = (0..=200).rev().find(|&i| node.is_char_boundary(i)).unwrap_or(0);
-        format!("ports-{}-{:016x}{suffix}", &node[..cut], fnv1a(node))
+        format!("ports-{}-{:016x}{suffix}", &node[..cut], fnv1a(node.as_bytes()))
     }
 }
 
@@ -346,13 +344,7 @@ pub fn field_manager(key: &str) -> String {
         return manager;
     }
     let keep = MAX_MANAGER_LEN - KEY_MANAGER_PREFIX.len() - 17;
-    format!("{KEY_MANAGER_PREFIX}{}~{:016x}", &key[..keep], fnv1a(key))
-}
-
-/// 64-bit FNV-1a: a hash that is stable across builds (names derived from it persist in
-/// the cluster).
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    format!("{KEY_MANAGER_PREFIX}{}~{:016x}", &key[..keep], fnv1a(key.as_bytes()))
 }
 
 /// What a status says about a key, given the generation that lists it.

@@ -170,6 +170,71 @@ impl FromStr for PortRanges {
     }
 }
 
+/// A set of ports: 65,536 bits, membership a bit test.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet(Box<[u64; 1024]>);
+
+impl PortSet {
+    /// The empty set.
+    pub fn new() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port / 64)] & (1 << (port % 64)) != 0
+    }
+
+    /// Adds `port`.
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port / 64)] |= 1 << (port % 64);
+    }
+
+    /// Removes `port`.
+    pub fn remove(&mut self, port: u16) {
+        self.0[usize::from(port / 64)] &= !(1 << (port % 64));
+    }
+
+    /// Number of ports in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// Whether some port of `self` is missing from `other`.
+    pub fn has_any_outside(&self, other: &PortSet) -> bool {
+        self.0.iter().zip(other.0.iter()).any(|(a, b)| a & !b != 0)
+    }
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<&PortRanges> for PortSet {
+    fn from(ranges: &PortRanges) -> Self {
+        let mut set = Self::new();
+        for range in ranges.ranges() {
+            for port in range.first..=range.last {
+                set.insert(port);
+            }
+        }
+        set
+    }
+}
+
+impl fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortSet({} ports)", self.len())
+    }
+}
+
 /// Why a port is not one the agent assigns, when the rule is static (from its flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exclusion {
@@ -222,7 +287,7 @@ pub struct PortPool {
     node_port: Option<PortRange>,
     /// Every assignable port, ascending.
     ports: Vec<u16>,
-    member: Box<[u64; 1024]>,
+    member: PortSet,
 }
 
 impl PortPool {
@@ -231,27 +296,18 @@ impl PortPool {
         if ranges.is_empty() {
             return Err(PoolError::NoRange);
         }
-        let mut member = Box::new([0u64; 1024]);
-        for range in ranges.ranges() {
-            for port in range.first..=range.last {
-                member[usize::from(port / 64)] |= 1 << (port % 64);
-            }
-        }
+        let member = PortSet::from(&ranges);
         let mut pool = Self { ranges, excluded, node_port, ports: Vec::new(), member };
         for port in 1..=u16::MAX {
-            if pool.is_member(port) && pool.exclusion_of_member(port).is_some() {
-                pool.member[usize::from(port / 64)] &= !(1 << (port % 64));
+            if pool.member.contains(port) && pool.exclusion_of_member(port).is_some() {
+                pool.member.remove(port);
             }
         }
-        pool.ports = (1..=u16::MAX).filter(|p| pool.is_member(*p)).collect();
+        pool.ports = (1..=u16::MAX).filter(|p| pool.member.contains(*p)).collect();
         if pool.ports.is_empty() {
             return Err(PoolError::Empty(pool.describe_exclusions()));
         }
         Ok(pool)
-    }
-
-    fn is_member(&self, port: u16) -> bool {
-        self.member[usize::from(port / 64)] & (1 << (port % 64)) != 0
     }
 
     fn exclusion_of_member(&self, port: u16) -> Option<Exclusion> {
@@ -263,7 +319,7 @@ impl PortPool {
 
     /// Whether the agent may assign `port`.
     pub fn contains(&self, port: u16) -> bool {
-        self.is_member(port)
+        self.member.contains(port)
     }
 
     /// The static rule that keeps `port` out of the pool, if one does.
@@ -285,7 +341,7 @@ impl PortPool {
     }
 
     /// The `i`-th assignable port, ascending (`i < len()`).
-    pub(crate) fn port_at(&self, i: usize) -> u16 {
+    pub fn port_at(&self, i: usize) -> u16 {
         self.ports[i]
     }
 

@@ -11,12 +11,16 @@ use std::{
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::ResourceExt;
 
-pub use crate::agent::http::{TableDocument, TableEntry, fetch_table};
-use crate::{
-    agent::node_ports::declared_ports,
-    api::PortAssignment,
+pub use portassign_api::table::{TableDocument, TableEntry};
+use portassign_api::{
+    PortAssignment,
+    pods::{PodProtocol, declared_ports},
     range::{PortRange, PortRanges},
 };
+
+pub use self::fetch::{FetchError, fetch_table, get, get_with};
+
+mod fetch;
 
 /// One broken guarantee.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,7 +191,7 @@ pub fn caller_token(config: &kube::Config, token_file: Option<&std::path::Path>)
 /// is terminal: traffic to the port may reach the pod instead of the key's sandbox. The
 /// agent never assigns such a port, so each of these is a pod that arrived later.
 pub fn pod_conflicts(objects: &[PortAssignment], pods: &[Pod]) -> Vec<Violation> {
-    let mut declared: HashMap<(&str, u16), Vec<(String, crate::agent::node_ports::PodProtocol)>> = HashMap::new();
+    let mut declared: HashMap<(&str, u16), Vec<(String, PodProtocol)>> = HashMap::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { continue };
         let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
@@ -354,8 +358,8 @@ pub fn pods_in_ranges(pods: &[Pod], kept: impl Fn(Option<&str>) -> Option<KeptPo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use portassign_api::{PortAssignmentSpec, PortAssignmentStatus, PortEntry, Protocol};
 
     fn object(name: &str, node: &str, keys: &[&str], ports: &[(&str, u16)], ready: bool) -> PortAssignment {
         let mut o = PortAssignment::new(

@@ -2,12 +2,22 @@
 //!
 //! The Rust types are the source of truth: `crds/portassignment.yaml` is generated
 //! from them (`portassign crd`) and a test fails when the committed file drifts.
+//!
+//! This crate is what every part of portassign shares, and only that: the resource and
+//! its reasons, [`range`] (port ranges and the set the agent assigns from), [`pods`]
+//! (the ports a pod takes on its node), [`table`] (the agent's `/debug/table`
+//! document), and two small helpers whose output persists in names and selectors
+//! ([`fnv1a`], [`node_selector`]). No client, no server.
 
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
+
+pub mod pods;
+pub mod range;
+pub mod table;
 
 /// API group of the custom resource.
 pub const GROUP: &str = "portassign.io";
@@ -274,5 +284,30 @@ impl ObjectId {
 impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The field selector of the objects (PortAssignments, Pods) of node `node_name`:
+/// `spec.nodeName=<node>`, a selectable field of both.
+pub fn node_selector(node_name: &str) -> String {
+    format!("spec.nodeName={node_name}")
+}
+
+/// 64-bit FNV-1a of `bytes`: a hash stable across builds and versions, so names derived
+/// from it (the node lock's holder suffix, pool and field-manager names) persist.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_is_the_published_hash() {
+        // Names in clusters derive from it: a different value would orphan them.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x85944171f73967e8);
     }
 }

@@ -1,10 +1,10 @@
 //! `portassign acquire` and `portassign release` (also `kubectl portassign …`): the
-//! command-line face of [`PortClient`](super::PortClient).
+//! command-line face of [`PortClient`].
 
 use std::{process::ExitCode, time::Duration};
 
-use super::{Error, Pool, PortClient, Release, exit};
-use crate::api::Protocol;
+use portassign_api::Protocol;
+use portassign_client::{Error, Pool, PortClient, Release, exit};
 
 /// Exit codes, as `--help` lists them.
 pub const EXIT_CODES: &str = "Exit codes: 0 done; 1 other failure (API server unreachable, ...); 2 usage; \
@@ -121,7 +121,7 @@ fn render<T: serde::Serialize>(value: &T, output: Output, text: impl FnOnce() ->
 /// `portassign acquire`: prints the key's port once the agent has assigned it.
 pub async fn acquire(args: AcquireArgs) -> ExitCode {
     // A bad key is refused before anything else (no cluster needed).
-    if let Err(error) = super::validate_key(&args.key) {
+    if let Err(error) = portassign_client::validate_key(&args.key) {
         return failed(&error);
     }
     let client = match connect(args.common.namespace.as_deref()).await {
@@ -143,7 +143,7 @@ pub async fn acquire(args: AcquireArgs) -> ExitCode {
 
 /// `portassign release`: removes what the key's acquire added.
 pub async fn release(args: ReleaseArgs) -> ExitCode {
-    if let Err(error) = super::validate_key(&args.key) {
+    if let Err(error) = portassign_client::validate_key(&args.key) {
         return failed(&error);
     }
     let client = match connect(args.common.namespace.as_deref()).await {
