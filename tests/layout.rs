@@ -92,8 +92,11 @@ fn agent_import_graph() -> BTreeMap<String, BTreeSet<String>> {
             // A module's tests may use anything, and a comment's link imports nothing:
             // only the module's code counts.
             let code = source.split("#[cfg(test)]\nmod tests").next().unwrap();
-            let code: String =
-                code.lines().filter(|line| !line.trim_start().starts_with("//")).map(|line| format!("{line}\n")).collect();
+            let code: String = code
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("//"))
+                .map(|line| format!("{line}\n"))
+                .collect();
             files.insert(name, code);
         }
     }
