@@ -420,7 +420,10 @@ async fn the_example_launcher_serves_on_its_port_and_releases_it_on_ctrl_c() {
     if !example.exists() {
         // `cargo test` builds the examples, `cargo test --test acquire` does not.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = Command::new(cargo).args(["build", "--example", "launcher"]).status().expect("cargo build");
+        let built = Command::new(cargo)
+            .args(["build", "-p", "portassign-client", "--example", "launcher"])
+            .status()
+            .expect("cargo build");
         assert!(built.success() && example.exists(), "could not build {}", example.display());
     }
     let mut child = Command::new(&example)
