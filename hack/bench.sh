@@ -8,7 +8,8 @@
 #                 (API server restarted under 100 agents), refused status writes
 #   4. acquire:   latency of getting a port (client API and a plain key vs a minimal
 #                 responder's floor), same control plane; its own section of the report
-#   5. report:    Markdown table(s) and the plots, every ratio computed from this run
+#   5. report:    Markdown table(s) and the plots (docs/convergence.svg, docs/scale.svg), every
+#                 ratio computed from this run
 #
 # The benchmarks are the workspace member portassign-bench (bench/). The agent the cluster
 # benchmark measures is the product's release build, made here first (cargo bench builds
@@ -57,14 +58,12 @@ run cargo bench --locked -p portassign-bench --bench scale -- --kubeconfig "$kub
   --logs "$out/logs" --agents "${BENCH_SCALE_AGENTS:-1,10,50,100}" --objects "${BENCH_SCALE_OBJECTS:-1000}" \
   --failing "${BENCH_FAILING:-50,1000}" --failing-seconds "${BENCH_FAILING_SECONDS:-150}" --out "$out/scale.json"
 run cargo bench --locked -p portassign-bench --bench acquire -- --kubeconfig "$kubeconfig" \
-  --samples "${BENCH_ACQUIRE_SAMPLES:-200}" --out "$out/acquire.json" --md "$out/acquire.md"
+  --logs "$out/logs" --samples "${BENCH_ACQUIRE_SAMPLES:-200}" --out "$out/acquire.json"
 hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true
 trap - EXIT
 printf '%6.1f  %s\n' 0 "hack/control-plane.sh down $cp_dir" >> "$commands"
 printf '%6d  %s\n' "$(( $(date +%s) - started ))" "(total before the report)" >> "$commands"
 
 cargo bench --locked -p portassign-bench --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
-  --commands "$commands" --md "$root/docs/benchmarks.md" --svg "$root/docs/convergence.svg" \
-  --scale "$out/scale.json" --scale-svg "$root/docs/scale.svg"
-cat "$out/acquire.md" >> "$root/docs/benchmarks.md"
+  --scale "$out/scale.json" --acquire "$out/acquire.json" --commands "$commands" --md "$root/docs/benchmarks.md"
 echo "make bench: done in $(( $(date +%s) - started ))s; see docs/benchmarks.md" >&2

@@ -3,7 +3,8 @@
 //! against the probe's syscalls alone.
 //!
 //! `cargo bench -p portassign-bench --bench allocator -- --out FILE` measures and writes
-//! JSON for `report`. With `--node-ports` it measures instead what the node's pods and
+//! JSON for `report`; the project side is the agent's own allocation path
+//! (`NodeState::reserve`). With `--node-ports` it measures instead what the node's pods and
 //! the kernel's reservations add per assigned port (docs/benchmarks.md, "Allocator with
 //! pods and reservations") and prints that table. Run by `cargo test -p portassign-bench --benches` (no `--bench`
 //! argument) it does one small run of each and fails if the project lost a key, so the
@@ -21,16 +22,17 @@ use std::{
     hint::black_box,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use portassign::{
     agent::{
-        node_ports::{DeclaredPort, NodePorts, PodPorts, PodProtocol},
+        node_ports::{DeclaredPort, PodPorts, PodProtocol},
         probe::{PortProbe, SocketProbe},
-        table::PortTable,
+        state::NodeState,
     },
     api::{ObjectId, Protocol},
     range::{PortPool, PortRange},
@@ -42,13 +44,24 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 /// assignments use half of it and never run short.
 const RANGE: (u16, u16) = (10000, 29999);
 
+#[derive(Parser)]
+struct Args {
+    /// Where the results go (JSON); standard output without.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Measure only what the node's pods and reservations add, and print that table.
+    #[arg(long)]
+    node_ports: bool,
+    /// Passed by `cargo bench`; without it, one small smoke run.
+    #[arg(long)]
+    bench: bool,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let bench = args.iter().any(|a| a == "--bench");
-    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    let result = match (bench, args.iter().any(|a| a == "--node-ports")) {
+    let args = Args::parse();
+    let result = match (args.bench, args.node_ports) {
         (true, true) => node_ports_measure(),
-        (true, false) => measure(out.as_deref()),
+        (true, false) => measure(args.out),
         (false, _) => smoke(),
     };
     match result {
@@ -63,39 +76,36 @@ fn main() -> ExitCode {
 /// One small run of each side; fails if the project loses a key.
 fn smoke() -> anyhow::Result<()> {
     let probe = SocketProbe::detect();
-    let project = project_run(200, &probe);
-    let seed = seed_run(200)?;
-    println!("allocator smoke: 200 keys, project lost {}, seed baseline lost {}", project.lost, seed.lost);
-    anyhow::ensure!(project.lost == 0, "the project lost {} of 200 keys", project.lost);
-    let busy = project_run_busy(200, &probe);
-    anyhow::ensure!(busy.lost == 0, "the project lost {} of 200 keys on a busy node", busy.lost);
+    let (project, busy, seed) = (project_run(200, &probe, false), project_run(200, &probe, true), seed_run(200)?);
+    println!(
+        "allocator smoke: 200 keys, project lost {} (busy node {}), seed baseline lost {}",
+        project.lost, busy.lost, seed.lost
+    );
+    anyhow::ensure!(project.lost + busy.lost == 0, "the project lost keys: {} (busy node {})", project.lost, busy.lost);
     Ok(())
 }
 
-fn measure(out: Option<&Path>) -> anyhow::Result<()> {
+fn measure(out: Option<PathBuf>) -> anyhow::Result<()> {
     let probe = SocketProbe::detect();
     // Warm-up: page in the code and the kernel's socket paths.
-    project_run(1000, &probe);
-
+    project_run(1000, &probe, false);
     let syscalls_ns = syscall_costs();
     for (what, ns) in &syscalls_ns {
         eprintln!("{ns:>8.0} ns  {what}");
     }
-
     // (n, project runs, seed runs): the seed's 10,000-key run takes seconds, so fewer.
-    let plan = [(1000usize, 15usize, 5usize), (10000, 7, 3)];
     let mut sizes = Vec::new();
-    for (n, project_reps, seed_reps) in plan {
-        let mut size = empty_size(n);
+    for (n, project_reps, seed_reps) in [(1000usize, 15usize, 5usize), (10000, 7, 3)] {
+        let mut size = AllocatorSize { n, ..AllocatorSize::default() };
         // Interleaved so that drift on a shared machine hits both sides alike.
         for rep in 0..project_reps.max(seed_reps) {
             if rep < project_reps {
                 size.floor_runs_s.push(floor_run(n, &probe).as_secs_f64());
-                let run = project_run(n, &probe);
+                let run = project_run(n, &probe, false);
                 size.project_runs_s.push(run.total.as_secs_f64());
                 size.project_tail_s.push(run.tail.as_secs_f64());
                 size.project_lost.push(run.lost);
-                let busy = project_run_busy(n, &probe);
+                let busy = project_run(n, &probe, true);
                 anyhow::ensure!(busy.lost == 0, "the busy-node run lost {} keys", busy.lost);
                 size.busy_runs_s.push(busy.total.as_secs_f64());
             }
@@ -117,28 +127,14 @@ fn measure(out: Option<&Path>) -> anyhow::Result<()> {
         );
         sizes.push(size);
     }
-    let report =
-        Allocator { range: format!("{}-{}", RANGE.0, RANGE.1), probe_ipv6: probe.checks_ipv6(), syscalls_ns, sizes };
+    let range = format!("{}-{}", RANGE.0, RANGE.1);
+    let report = Allocator { range, probe_ipv6: probe.checks_ipv6(), syscalls_ns, sizes };
     match out {
-        Some(path) => results::write(path, &report)?,
-        None => println!("{}", serde_json::to_string_pretty(&report)?),
-    }
-    Ok(())
-}
-
-/// A size with no run yet.
-fn empty_size(n: usize) -> AllocatorSize {
-    AllocatorSize {
-        n,
-        project_runs_s: vec![],
-        floor_runs_s: vec![],
-        seed_runs_s: vec![],
-        project_tail_s: vec![],
-        seed_tail_s: vec![],
-        project_lost: vec![],
-        seed_lost: vec![],
-        seed_file_bytes: 0,
-        busy_runs_s: vec![],
+        Some(path) => results::write(&path, &report),
+        None => {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
     }
 }
 
@@ -165,106 +161,83 @@ fn timed(n: usize, mut assign: impl FnMut(usize)) -> (Duration, Duration) {
     (end - started, end - tail_started)
 }
 
-/// The project: `PortTable::reserve` with the real `SocketProbe`, one key per call, then
-/// `commit` as the controller does once the status is written. Each key belongs to an
-/// object of its own, like a sandbox that asked for one port.
-fn project_run(n: usize, probe: &SocketProbe) -> Run {
-    let range = PortRange::new(RANGE.0, RANGE.1).expect("valid range");
+/// The project: the agent's own allocation path (`NodeState::reserve` with the real
+/// `SocketProbe`, one key per call, then `commit` as the reconciler does once the status
+/// is written). Each key belongs to an object of its own, like a sandbox that asked for
+/// one port. On a `busy` node, the allocator looks up the node's pods and reservations
+/// before each probe.
+///
+/// A busy node is as busy as a full one: 110 pods (the kubelet's default maximum) with
+/// two hostPorts each and 20 hostNetwork pods with five ports each, all TCP, 4,000 ports
+/// reserved by the kernel in four ranges, 1,000 ports excluded by flag. They lie in the
+/// upper part of the range, above the ports a 10,000-key run reaches, so both sides
+/// probe the same ports and the difference is the cost of the lookups alone.
+fn project_run(n: usize, probe: &SocketProbe, busy: bool) -> Run {
     let objects: Vec<ObjectId> = (0..n).map(|i| ObjectId::new("bench", format!("object-{i}"))).collect();
     let keys: Vec<String> = (0..n).map(|i| format!("bench/sandbox-{i}")).collect();
-    let mut table = PortTable::new(range);
+    let mut state =
+        if busy { busy_node() } else { NodeState::new(PortRange::new(RANGE.0, RANGE.1).expect("range").into()) };
     let (total, tail) = timed(n, |i| {
-        let reservation =
-            table.reserve(&objects[i], [keys[i].as_str()], &mut |port| probe.is_free(port, Protocol::Tcp));
-        table.commit(&objects[i], &reservation.ports);
+        let (reservation, _) = state.reserve(&objects[i], Protocol::Tcp, [keys[i].as_str()], probe);
+        state.commit(&objects[i], &reservation.ports);
     });
-    // A key is kept when the table still gives it a port that nobody else holds.
+    // A key is kept when the table still gives it a port that nobody else holds, and
+    // that port is one the node lets the agent assign.
+    let (table, node) = (state.table(), state.node_ports());
     let mut seen = HashSet::new();
     let lost = objects
         .iter()
         .zip(&keys)
         .filter(|(object, key)| {
             let port = table.ports_of(object).and_then(|held| held.get(key.as_str())).copied();
-            let kept = port.is_some_and(|p| {
-                table.holder(p).is_some_and(|h| h.key == **key && *h.object == **object) && seen.insert(p)
-            });
-            !kept
+            !port.is_some_and(|p| {
+                table.holder(p).is_some_and(|h| h.key == **key && *h.object == **object)
+                    && seen.insert(p)
+                    && !node.taken(p, Protocol::Tcp)
+                    && table.pool().contains(p)
+            })
         })
         .count();
     Run { total, tail, lost, file_bytes: 0 }
 }
 
-/// A node as busy as a full one: 110 pods (the kubelet's default maximum) with two
-/// hostPorts each and 20 hostNetwork pods with five ports each, all TCP, 4,000 ports
-/// reserved by the kernel in four ranges, 1,000 ports excluded by flag. They lie in the
-/// upper part of the range, above the ports a 10,000-key run reaches, so both sides
-/// probe the same ports and the difference is the cost of the lookups alone.
-fn busy_node(table: &PortTable) -> NodePorts {
-    let mut node = NodePorts::default();
+/// The busy node's state (see [`project_run`]).
+fn busy_node() -> NodeState {
+    let range = PortRange::new(RANGE.0, RANGE.1).expect("range").into();
+    let excluded = "29500-29999,23000-23499".parse().expect("excluded ports");
+    let nodeport = Some(PortRange::new(30000, 32767).expect("NodePort range"));
+    let mut state = NodeState::new(PortPool::new(range, excluded, nodeport).expect("pool"));
     for i in 0..130u16 {
         let (count, spacing) = if i < 110 { (2, 7) } else { (5, 3) };
         let ports = (0..count)
             .map(|j| DeclaredPort { port: 20100 + i * 60 + j * spacing, protocol: PodProtocol::Tcp, host_ip: None })
             .collect();
-        node.set_pod(PodPorts { pod: format!("bench/pod-{i}").into(), uid: None, ports }, table);
+        state.set_pod(PodPorts { pod: format!("bench/pod-{i}").into(), uid: None, ports });
     }
-    node.set_reserved("24000-24999,25500-26499,27000-27999,28500-29499").expect("reserved ports");
-    node
+    state.set_reserved("24000-24999,25500-26499,27000-27999,28500-29499").expect("reserved ports");
+    state
 }
 
-/// The pool of a busy node: the range minus 1,000 excluded ports (and the NodePort range,
-/// which does not overlap it).
-fn busy_pool() -> PortPool {
-    PortPool::new(
-        PortRange::new(RANGE.0, RANGE.1).expect("valid range").into(),
-        "29500-29999,23000-23499".parse().expect("excluded ports"),
-        Some(PortRange::new(30000, 32767).expect("NodePort range")),
-    )
-    .expect("pool")
-}
-
-/// [`project_run`] on a busy node: the allocator asks the node's pods and reservations
-/// (lookups) before each probe, as the agent does.
-fn project_run_busy(n: usize, probe: &SocketProbe) -> Run {
-    let objects: Vec<ObjectId> = (0..n).map(|i| ObjectId::new("bench", format!("object-{i}"))).collect();
-    let keys: Vec<String> = (0..n).map(|i| format!("bench/sandbox-{i}")).collect();
-    let mut table = PortTable::with_pool(busy_pool());
-    let node = busy_node(&table);
-    let (total, tail) = timed(n, |i| {
-        let reservation = table.reserve(&objects[i], [keys[i].as_str()], &mut |port| {
-            !node.taken(port, Protocol::Tcp) && probe.is_free(port, Protocol::Tcp)
-        });
-        table.commit(&objects[i], &reservation.ports);
-    });
-    let held: HashSet<u16> = table.entries().into_iter().map(|(p, _)| p).collect();
-    let lost = n - held.len();
-    let wrong = held.iter().filter(|p| node.taken(**p, Protocol::Tcp) || !table.pool().contains(**p)).count();
-    assert_eq!(wrong, 0, "the busy run assigned ports the node's pods, the kernel or the flags keep out");
-    Run { total, tail, lost, file_bytes: 0 }
-}
-
-/// Only what the node's pods and reservations add: the floor, today's runs and the
-/// busy-node runs, interleaved, at 1,000 and 10,000 ports; prints the report's section.
+/// Only what the node's pods and reservations add: the floor, plain runs and busy-node
+/// runs, interleaved, at 1,000 and 10,000 ports; prints the report's section.
 fn node_ports_measure() -> anyhow::Result<()> {
     let probe = SocketProbe::detect();
-    project_run(1000, &probe);
-    project_run_busy(1000, &probe);
+    project_run(1000, &probe, true);
     let mut sizes = Vec::new();
     for (n, reps) in [(1000usize, 15usize), (10000, 9)] {
-        let mut size = empty_size(n);
+        let mut size = AllocatorSize { n, ..AllocatorSize::default() };
         for _ in 0..reps {
             size.floor_runs_s.push(floor_run(n, &probe).as_secs_f64());
-            size.project_runs_s.push(project_run(n, &probe).total.as_secs_f64());
-            let busy = project_run_busy(n, &probe);
+            size.project_runs_s.push(project_run(n, &probe, false).total.as_secs_f64());
+            let busy = project_run(n, &probe, true);
             anyhow::ensure!(busy.lost == 0, "the busy-node run lost {} keys", busy.lost);
             size.busy_runs_s.push(busy.total.as_secs_f64());
         }
         sizes.push(size);
     }
-    let table = PortTable::with_pool(busy_pool());
-    let node = busy_node(&table);
+    let state = busy_node();
     let lookup_ns = per_call(|port| {
-        black_box(node.taken(black_box(port), Protocol::Tcp));
+        black_box(state.node_ports().taken(black_box(port), Protocol::Tcp));
     });
     print!("{}", results::busy_node_section(&sizes));
     println!("\nOne `NodePorts::taken` lookup on that node: {lookup_ns:.0} ns (median of 9 batches of 2,000).");

@@ -21,14 +21,12 @@
 //!
 //! Run by `cargo test -p portassign-bench --benches` (no `--bench` argument) it does nothing.
 
-#[path = "support/procfs.rs"]
-mod procfs;
-#[path = "support/scale.rs"]
-mod scale;
+#[path = "support/kit.rs"]
+mod kit;
+#[path = "support/results.rs"]
+mod results;
 
 use std::{
-    collections::HashSet,
-    path::PathBuf,
     process::{Command, ExitCode},
     sync::{
         Arc, Mutex,
@@ -38,120 +36,65 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::{StreamExt, future::join_all, stream};
+use futures::future::join_all;
 use k8s_openapi::api::core::v1::Namespace;
+use kit::{Common, Observer, agent, cpu_seconds, loadavg, metric, proc_status_kib};
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
-    runtime::{
-        WatchStreamExt,
-        watcher::{self, Event},
-    },
+    api::{DeleteParams, ListParams},
 };
-use portassign::{
-    api::{PortAssignment, PortAssignmentSpec, Protocol},
-    checker as http,
-};
+use portassign::api::PortAssignment;
 use portassign_testkit::{
     AgentProcess, Cluster, Identity, cluster::ensure_namespace, portassign_bin, restricted::Restricted,
 };
-use procfs::{cpu_seconds, proc_status_kib};
-use scale::{FailureRun, Scale, ScaleRun, Storm};
-use tokio::sync::watch;
+use results::{FailureRun, Scale, ScaleRun, Storm};
 
 /// Keys per object in the scale runs (as in the cluster bench).
 const KEYS: usize = 4;
-/// Creates the bench keeps in flight.
-const CREATE_CONCURRENCY: usize = 32;
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        println!("scale benchmark: needs the control plane that `make bench` starts; nothing to do under cargo test");
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the tokio runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(measure(Options::parse(&args))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("scale benchmark failed: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-struct Options {
-    kubeconfig: PathBuf,
-    cp_dir: PathBuf,
-    logs: PathBuf,
-    out: Option<PathBuf>,
+#[derive(clap::Parser)]
+struct Args {
+    #[command(flatten)]
+    common: Common,
+    /// Numbers of agents, one run each; the relist storm runs with the most.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 50, 100])]
     agents: Vec<usize>,
+    /// Objects in every run, spread evenly over the agents' nodes.
+    #[arg(long, default_value_t = 1000)]
     objects: usize,
+    /// Objects per agent whose status writes are refused, one agent each (empty: none).
+    #[arg(long, value_delimiter = ',', default_values_t = [50, 1000])]
     failing: Vec<usize>,
+    /// How long the refused writes are counted (0: no failure runs).
+    #[arg(long, default_value_t = 150)]
     failing_seconds: u64,
 }
 
-impl Options {
-    fn parse(args: &[String]) -> Self {
-        let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-        let list = |flag: &str, default: &[usize]| {
-            value(flag)
-                .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-                .unwrap_or_else(|| default.to_vec())
-        };
-        Options {
-            kubeconfig: value("--kubeconfig").or_else(|| std::env::var("KUBECONFIG").ok()).unwrap_or_default().into(),
-            cp_dir: value("--cp-dir").unwrap_or_default().into(),
-            logs: value("--logs").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("portassign-scale")),
-            out: value("--out").map(PathBuf::from),
-            agents: list("--agents", &[1, 10, 50, 100]),
-            objects: value("--objects").and_then(|n| n.parse().ok()).unwrap_or(1000),
-            failing: list("--failing", &[50, 1000]),
-            failing_seconds: value("--failing-seconds").and_then(|n| n.parse().ok()).unwrap_or(150),
-        }
-    }
+fn main() -> ExitCode {
+    kit::main("scale", measure)
 }
 
 struct Bench {
     client: Client,
     cluster: Cluster,
-    cp_dir: PathBuf,
-    logs: PathBuf,
+    common: Common,
     run: u32,
 }
 
-impl Bench {
-    fn pid(&self, name: &str) -> Option<u32> {
-        std::fs::read_to_string(self.cp_dir.join(format!("{name}.pid"))).ok()?.trim().parse().ok()
-    }
-
-    fn apiserver_cpu(&self) -> f64 {
-        self.pid("kube-apiserver").map(cpu_seconds).unwrap_or_default()
-    }
-}
-
-async fn measure(options: Options) -> anyhow::Result<()> {
-    anyhow::ensure!(options.cp_dir.is_dir(), "--cp-dir DIR (the control plane's directory) is required");
-    std::fs::create_dir_all(&options.logs)?;
-    let cluster = Cluster::prepare(&options.kubeconfig, None).await.context("preparing the cluster")?;
+async fn measure(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.common.cp_dir.as_ref().is_some_and(|d| d.is_dir()),
+        "--cp-dir DIR (the control plane's directory) is required"
+    );
+    std::fs::create_dir_all(&args.common.logs)?;
+    let cluster = Cluster::prepare(&args.common.kubeconfig, None).await.context("preparing the cluster")?;
     eprintln!("agent binary: {}; agents run as {}", portassign_bin().display(), cluster.agent.user);
-    let mut bench = Bench {
-        client: cluster.admin.client(),
-        cluster,
-        cp_dir: options.cp_dir.clone(),
-        logs: options.logs.clone(),
-        run: std::process::id() % 10000,
-    };
-    let mut report = Scale { objects: options.objects, keys: KEYS, load_before: loadavg(), ..Scale::default() };
-    let most = options.agents.iter().copied().max().unwrap_or(1);
-    for &m in &options.agents {
-        let (run, storm) = scale_run(&mut bench, m, options.objects, m == most).await?;
+    let mut bench =
+        Bench { client: cluster.admin.client(), cluster, common: args.common, run: std::process::id() % 10000 };
+    let mut report = Scale { objects: args.objects, keys: KEYS, load_before: loadavg(), ..Scale::default() };
+    let most = args.agents.iter().copied().max().unwrap_or(1);
+    for &m in &args.agents {
+        let (run, storm) = scale_run(&mut bench, m, args.objects, m == most).await?;
         eprintln!(
             "scale: {m:>3} agents: started in {:.1}s, ready in {:.2}s, gone in {:.2}s, kube-apiserver {:.2} ms/object{}",
             run.start_s,
@@ -161,92 +104,31 @@ async fn measure(options: Options) -> anyhow::Result<()> {
             if run.completed { "" } else { " INCOMPLETE" }
         );
         report.runs.push(run);
-        if storm.is_some() {
-            report.storm = storm;
-        }
+        report.storm = report.storm.or(storm);
     }
-    report.failure = persistent_failure(&mut bench, &options.failing, options.failing_seconds).await?;
+    report.failure = persistent_failure(&mut bench, &args.failing, args.failing_seconds).await?;
     report.load_after = loadavg();
-    let json = serde_json::to_string_pretty(&report)?;
-    match &options.out {
-        Some(path) => std::fs::write(path, json)?,
-        None => println!("{json}"),
-    }
-    Ok(())
+    bench.common.write(&report)
 }
 
-fn object(name: &str, node: &str, keys: usize) -> PortAssignment {
-    let keys = (0..keys).map(|k| format!("{name}/sandbox-{k}")).collect();
-    PortAssignment::new(name, PortAssignmentSpec { node_name: node.to_owned(), protocol: Protocol::Tcp, keys })
-}
-
-/// Starts `m` agents for `nodes` as `identity`, concurrently; waits until all are ready.
-/// Their `/metrics` is open (on loopback): the benchmark polls it, and token reviews
-/// would add API calls that are not the agents' work.
+/// Starts agents for `nodes` as `identity`, concurrently; waits until all are ready.
 async fn start_agents(bench: &Bench, identity: &Identity, nodes: &[String]) -> Vec<AgentProcess> {
-    join_all(nodes.iter().map(|node| {
-        AgentProcess::new(&identity.kubeconfig, node)
-            .arg("--disable-http-auth")
-            .arg("--log-format")
-            .arg("json")
-            .log_to(bench.logs.join(format!("{node}.log")))
-            .start()
-    }))
-    .await
+    join_all(nodes.iter().map(|node| agent(&identity.kubeconfig, node, &bench.common.logs).start())).await
 }
 
-/// Watches a namespace; counts objects seen Ready (by name) and deleted.
-fn observe(api: Api<PortAssignment>) -> (watch::Receiver<(usize, usize)>, tokio::task::JoinHandle<()>) {
-    let (counts, receiver) = watch::channel((0, 0));
-    let task = tokio::spawn(async move {
-        let mut ready = HashSet::new();
-        let mut gone = HashSet::new();
-        let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(Event::Apply(o) | Event::InitApply(o)) if o.is_ready() => {
-                    ready.insert(o.name_any());
-                }
-                Ok(Event::Delete(o)) => {
-                    gone.insert(o.name_any());
-                }
-                _ => {}
-            }
-            counts.send_replace((ready.len(), gone.len()));
-        }
-    });
-    (receiver, task)
-}
-
-/// Creates objects `names` (name, node) in `api`'s namespace, 32 at a time.
-async fn create_all(api: &Api<PortAssignment>, objects: &[(String, String)], keys: usize) -> anyhow::Result<()> {
-    let created: Vec<anyhow::Result<()>> = stream::iter(objects.iter().cloned())
-        .map(|(name, node)| {
-            let api = api.clone();
-            async move {
-                api.create(&PostParams::default(), &object(&name, &node, keys)).await?;
-                Ok(())
-            }
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .collect()
-        .await;
-    created.into_iter().collect::<anyhow::Result<Vec<()>>>().context("creating objects")?;
-    Ok(())
-}
-
-/// Samples kube-apiserver's RSS (MiB) and CPU (cores over each 250 ms) until stopped;
-/// the pid is re-read each time, so a restarted API server is followed.
+/// Samples kube-apiserver's peak CPU (cores over each 250 ms) and RSS (MiB) until
+/// stopped; the pid is re-read each time, so a restarted API server is followed.
 fn sample_apiserver(bench: &Bench) -> (Arc<Mutex<(f64, f64)>>, Arc<AtomicBool>) {
     let peaks = Arc::new(Mutex::new((0.0f64, 0.0f64)));
     let stop = Arc::new(AtomicBool::new(false));
-    let (cp_dir, out, flag) = (bench.cp_dir.clone(), peaks.clone(), stop.clone());
+    let cp_dir = bench.common.cp_dir.clone().unwrap_or_default();
+    let (out, flag) = (peaks.clone(), stop.clone());
     tokio::spawn(async move {
-        let pid =
-            || -> Option<u32> { std::fs::read_to_string(cp_dir.join("kube-apiserver.pid")).ok()?.trim().parse().ok() };
         let mut last: Option<(u32, f64, Instant)> = None;
         while !flag.load(Ordering::SeqCst) {
-            if let Some(p) = pid() {
+            let pid =
+                std::fs::read_to_string(cp_dir.join("kube-apiserver.pid")).ok().and_then(|p| p.trim().parse().ok());
+            if let Some(p) = pid {
                 let (cpu, now) = (cpu_seconds(p), Instant::now());
                 let mut peaks = out.lock().expect("lock");
                 if let Some((lp, lcpu, lt)) = last
@@ -274,41 +156,36 @@ async fn scale_run(bench: &mut Bench, m: usize, n: usize, storm: bool) -> anyhow
     let (rss_peak, rss_stop) = sample_apiserver(bench);
     // Idle cost of M connected agents.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle0 = (bench.apiserver_cpu(), Instant::now());
+    let idle0 = (bench.common.cpu("kube-apiserver"), Instant::now());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let apiserver_idle_cores = (bench.apiserver_cpu() - idle0.0) / idle0.1.elapsed().as_secs_f64();
+    let apiserver_idle_cores = (bench.common.cpu("kube-apiserver") - idle0.0) / idle0.1.elapsed().as_secs_f64();
 
     let api: Api<PortAssignment> = Api::namespaced(bench.client.clone(), &ns);
-    let (mut counts, observer) = observe(api.clone());
-    tokio::time::timeout(Duration::from_secs(30), counts.changed()).await.context("bench watch did not start")??;
+    let mut observer = Observer::start(api.clone()).await?;
     let objects: Vec<(String, String)> = (0..n).map(|i| (format!("pa-{i}"), nodes[i % m].clone())).collect();
-    let limit = Duration::from_secs(60) + Duration::from_millis(150) * n as u32;
     let agents_cpu = |agents: &[AgentProcess]| agents.iter().filter_map(|a| a.pid()).map(cpu_seconds).sum::<f64>();
-    let (etcd0, agents0, api0) =
-        (bench.pid("etcd").map(cpu_seconds).unwrap_or_default(), agents_cpu(&agents), bench.apiserver_cpu());
+    let (etcd0, agents0, api0) = (bench.common.cpu("etcd"), agents_cpu(&agents), bench.common.cpu("kube-apiserver"));
     let t0 = Instant::now();
-    create_all(&api, &objects, KEYS).await?;
-    let ready = tokio::time::timeout(limit, counts.wait_for(|c| c.0 >= n)).await.map(|r| r.is_ok()).unwrap_or(false);
+    observer.create(&objects, KEYS).await?;
+    let ready = observer.ready(n, kit::limit(n)).await;
     let create_s = t0.elapsed().as_secs_f64();
-    let api1 = bench.apiserver_cpu();
+    let api1 = bench.common.cpu("kube-apiserver");
 
     let storm = if storm && ready { Some(relist_storm(bench, &agents, &ns, &nodes, n).await?) } else { None };
 
-    let api2 = bench.apiserver_cpu();
+    let api2 = bench.common.cpu("kube-apiserver");
     let t1 = Instant::now();
     api.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
-    let total = n + storm.as_ref().map_or(0, |_| m);
-    let gone = tokio::time::timeout(limit, counts.wait_for(|c| c.1 >= total)).await.map(|r| r.is_ok()).unwrap_or(false);
+    let gone = observer.gone(n + storm.as_ref().map_or(0, |_| m), kit::limit(n)).await;
     let delete_s = t1.elapsed().as_secs_f64();
-    let api3 = bench.apiserver_cpu();
-    let (etcd1, agents1) = (bench.pid("etcd").map(cpu_seconds).unwrap_or_default(), agents_cpu(&agents));
+    let api3 = bench.common.cpu("kube-apiserver");
+    let (etcd1, agents1) = (bench.common.cpu("etcd"), agents_cpu(&agents));
     rss_stop.store(true, Ordering::SeqCst);
-    observer.abort();
+    drop(observer);
     for agent in &mut agents {
         agent.kill();
     }
     let _ = Api::<Namespace>::all(bench.client.clone()).delete(&ns, &DeleteParams::default()).await;
-    let rss = rss_peak.lock().expect("lock").1;
     let run = ScaleRun {
         agents: m,
         objects: n,
@@ -322,7 +199,7 @@ async fn scale_run(bench: &mut Bench, m: usize, n: usize, storm: bool) -> anyhow
         etcd_cpu_s: storm.is_none().then_some(etcd1 - etcd0),
         agents_cpu_s: agents1 - agents0,
         apiserver_idle_cores,
-        apiserver_rss_mib: rss,
+        apiserver_rss_mib: rss_peak.lock().expect("lock").1,
     };
     Ok((run, storm))
 }
@@ -334,20 +211,20 @@ async fn relist_storm(
     nodes: &[String],
     objects: usize,
 ) -> anyhow::Result<Storm> {
-    let rss_before_mib = proc_status_kib(bench.pid("kube-apiserver"), "VmRSS:") as f64 / 1024.0;
+    let rss_before_mib = proc_status_kib(bench.common.pid("kube-apiserver"), "VmRSS:") as f64 / 1024.0;
     let (peaks, stop) = sample_apiserver(bench);
     let killed = Instant::now();
-    let cp_dir = bench.cp_dir.clone();
+    let cp_dir = bench.common.cp_dir.clone().unwrap_or_default();
     tokio::task::spawn_blocking(move || portassign_testkit::cluster::restart_control_plane(&cp_dir, "KILL")).await?;
     let api_back_s = killed.elapsed().as_secs_f64();
-    let cpu0 = bench.apiserver_cpu();
+    let cpu0 = bench.common.cpu("kube-apiserver");
     // A fresh client: the old one's connections died with the server.
     bench.client = bench.cluster.admin.client();
     let api: Api<PortAssignment> = Api::namespaced(bench.client.clone(), ns);
     let probes: Vec<(String, String)> = nodes.iter().map(|node| (format!("after-{node}"), node.clone())).collect();
     let mut created = false;
     for _ in 0..100 {
-        if create_all(&api, &probes, 1).await.is_ok() {
+        if kit::create(&api, &probes, 1).await.is_ok() {
             created = true;
             break;
         }
@@ -357,8 +234,7 @@ async fn relist_storm(
     let deadline = killed + Duration::from_secs(180);
     let mut all_serving_s = f64::NAN;
     while Instant::now() < deadline {
-        let list = api.list(&ListParams::default()).await;
-        if let Ok(list) = list {
+        if let Ok(list) = api.list(&ListParams::default()).await {
             let ready = list.items.iter().filter(|o| o.name_any().starts_with("after-") && o.is_ready()).count();
             if ready == probes.len() {
                 all_serving_s = killed.elapsed().as_secs_f64();
@@ -370,7 +246,7 @@ async fn relist_storm(
     let until = killed + Duration::from_secs(30) + Duration::from_secs_f64(api_back_s);
     tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
     stop.store(true, Ordering::SeqCst);
-    let cpu_30s = bench.apiserver_cpu() - cpu0;
+    let cpu_30s = bench.common.cpu("kube-apiserver") - cpu0;
     let (peak_cores, peak_rss_mib) = *peaks.lock().expect("lock");
 
     let mut check = Command::new(portassign_bin());
@@ -380,7 +256,6 @@ async fn relist_storm(
     }
     let output = tokio::task::spawn_blocking(move || check.output()).await?.context("running portassign check")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let check_summary = stdout.lines().last().unwrap_or("no output").to_owned();
     for line in stdout.lines().filter(|l| l.starts_with("VIOLATION")).take(20) {
         eprintln!("storm: {line}");
     }
@@ -394,7 +269,7 @@ async fn relist_storm(
         peak_rss_mib,
         rss_before_mib,
         check_exit: output.status.code().unwrap_or(-1),
-        check_summary,
+        check_summary: stdout.lines().last().unwrap_or("no output").to_owned(),
     };
     eprintln!(
         "storm: API back in {:.1}s, every agent serving in {:.1}s, kube-apiserver peak {:.2} cores / {:.0} MiB; {}",
@@ -403,17 +278,8 @@ async fn relist_storm(
     Ok(storm)
 }
 
-/// A counter of the agent's `/metrics`, summed over its label sets.
-async fn agent_counter(agent: &AgentProcess, name: &str, labels: &str) -> f64 {
-    let Ok((_, body)) = http::get(&format!("{}/metrics", agent.url)).await else { return f64::NAN };
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 async fn persistent_failure(bench: &mut Bench, sizes: &[usize], seconds: u64) -> anyhow::Result<Vec<FailureRun>> {
-    if sizes.is_empty() {
+    if sizes.is_empty() || seconds == 0 {
         return Ok(Vec::new());
     }
     bench.run += 1;
@@ -428,14 +294,14 @@ async fn persistent_failure(bench: &mut Bench, sizes: &[usize], seconds: u64) ->
         .zip(&nodes)
         .flat_map(|(&n, node)| (0..n).map(move |i| (format!("{node}-{i}"), node.clone())))
         .collect();
-    create_all(&api, &objects, 1).await?;
+    kit::create(&api, &objects, 1).await?;
     let t0 = Instant::now();
     let mut runs: Vec<FailureRun> =
         sizes.iter().map(|&n| FailureRun { objects: n, cap_s: 60.0, ..FailureRun::default() }).collect();
     while t0.elapsed() < Duration::from_secs(seconds) {
         for (run, agent) in runs.iter_mut().zip(&agents) {
-            let refused = agent_counter(agent, "portassign_write_failures_total", "kind=\"refused\"").await;
-            run.samples.push((t0.elapsed().as_secs_f64(), refused));
+            let refused = metric(agent, "portassign_write_failures_total", "kind=\"refused\"").await;
+            run.samples.push((t0.elapsed().as_secs_f64(), refused.unwrap_or(f64::NAN)));
         }
         tokio::time::sleep(
             Duration::from_secs(5).saturating_sub(Duration::from_secs_f64(t0.elapsed().as_secs_f64() % 5.0)),
@@ -471,11 +337,4 @@ async fn persistent_failure(bench: &mut Bench, sizes: &[usize], seconds: u64) ->
     drop(agents);
     restricted.remove().await;
     Ok(runs)
-}
-
-/// `/proc/loadavg`'s first three fields.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }

@@ -7,6 +7,7 @@
 //! - [`world`]: one test's namespace and node, objects, in-process agents.
 //! - [`process`]: `portassign` agent and janitor processes.
 //! - [`restricted`]: an agent identity with one permission less than the chart's.
+//! - [`standin`]: the least a controller must do, the benchmarks' baseline.
 //! - [`netns`]: network namespaces as nodes with network stacks of their own (root).
 //! - [`wait`]: typed waits and predicates on PortAssignments.
 //!
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod netns;
 pub mod process;
 pub mod restricted;
+pub mod standin;
 pub mod wait;
 pub mod world;
 

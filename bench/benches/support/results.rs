@@ -1,4 +1,5 @@
-//! What the benchmark binaries measure, as the JSON that `report` reads.
+//! What the benchmark binaries measure, as the JSON that `report` reads (and, for the
+//! busy-node table, the Markdown `allocator --node-ports` prints too).
 //!
 //! Raw measurements only (times, counts); every ratio is computed in one place, the
 //! report, so the Markdown and the target checks cannot disagree.
@@ -23,7 +24,7 @@ pub struct Allocator {
 }
 
 /// Assigning `n` ports from an empty table, repeated.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct AllocatorSize {
     /// Keys assigned per run.
     pub n: usize,
@@ -224,6 +225,128 @@ pub struct RestartRun {
     pub settle_s: f64,
     /// Writes (PATCH/APPLY/POST/PUT) on PortAssignments and Events from ready to settled.
     pub writes_after_ready: u64,
+}
+
+/// Everything one `scale` run measured.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Scale {
+    /// Objects in every scale run, spread evenly over the agents' nodes.
+    pub objects: usize,
+    /// Keys per object.
+    pub keys: usize,
+    /// One run per number of agents.
+    pub runs: Vec<ScaleRun>,
+    /// The API server restarted under the most agents.
+    pub storm: Option<Storm>,
+    /// Agents whose status writes are all refused.
+    pub failure: Vec<FailureRun>,
+    /// The machine's load average (1, 5, 15 min) at the start and at the end.
+    pub load_before: String,
+    /// See `load_before`.
+    pub load_after: String,
+}
+
+/// `agents` real agent processes, each its own node, converging `objects` together.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ScaleRun {
+    /// Agents (and nodes).
+    pub agents: usize,
+    /// Objects in all.
+    pub objects: usize,
+    /// Spawning every agent → every `/readyz` 200.
+    pub start_s: f64,
+    /// First create sent → the bench's watch saw every object Ready.
+    pub create_s: f64,
+    /// Delete-collection sent → the watch saw every object gone.
+    pub delete_s: f64,
+    /// Whether both phases completed within the time limit.
+    pub completed: bool,
+    /// kube-apiserver CPU seconds over the create phase.
+    pub apiserver_cpu_create_s: f64,
+    /// kube-apiserver CPU seconds over the delete phase.
+    pub apiserver_cpu_delete_s: f64,
+    /// etcd CPU seconds over both phases (none when a relist storm restarted etcd
+    /// in between).
+    pub etcd_cpu_s: Option<f64>,
+    /// CPU seconds of all the agents over both phases.
+    pub agents_cpu_s: f64,
+    /// kube-apiserver CPU per second with every agent connected and nothing to do,
+    /// over a few seconds before the creates.
+    pub apiserver_idle_cores: f64,
+    /// Peak RSS of kube-apiserver over the run.
+    pub apiserver_rss_mib: f64,
+}
+
+/// The API server (and etcd) killed and restarted while agents watch their nodes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Storm {
+    /// Agents connected.
+    pub agents: usize,
+    /// Objects on their nodes (all Ready before the restart).
+    pub objects: usize,
+    /// Kill → the restarted API server answers `/readyz` (what `hack/control-plane.sh
+    /// restart` waits for).
+    pub api_back_s: f64,
+    /// Kill → a new object created on every node after the API server is back is Ready:
+    /// every agent has its watch back and serves its node again.
+    pub all_serving_s: f64,
+    /// Peak kube-apiserver CPU (cores, over 250 ms samples) in the 30 s after the restart.
+    pub peak_cores: f64,
+    /// kube-apiserver CPU seconds over those 30 s.
+    pub cpu_30s: f64,
+    /// Peak kube-apiserver RSS over those 30 s.
+    pub peak_rss_mib: f64,
+    /// kube-apiserver RSS just before the kill.
+    pub rss_before_mib: f64,
+    /// `portassign check` over every agent afterwards: its exit code and last line.
+    pub check_exit: i32,
+    /// See `check_exit`.
+    pub check_summary: String,
+}
+
+/// One agent whose status writes are all refused (RBAC), at the default retry cap.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FailureRun {
+    /// Failing objects on its node.
+    pub objects: usize,
+    /// The agent's retry cap (`--max-retry-delay`).
+    pub cap_s: f64,
+    /// (seconds since the creates, refused writes counted by the agent so far).
+    pub samples: Vec<(f64, f64)>,
+    /// Grant back → every object Ready.
+    pub recovery_s: f64,
+}
+
+impl FailureRun {
+    /// Refused writes per second between `from` and `to` seconds (nearest samples).
+    pub fn rate(&self, from: f64, to: f64) -> f64 {
+        let at = |t: f64| {
+            self.samples.iter().min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs())).copied().unwrap_or_default()
+        };
+        let (a, b) = (at(from), at(to));
+        if b.0 > a.0 { (b.1 - a.1) / (b.0 - a.0) } else { 0.0 }
+    }
+
+    /// The last sample's time.
+    pub fn end(&self) -> f64 {
+        self.samples.last().map(|s| s.0).unwrap_or_default()
+    }
+}
+
+/// The fixed retry every failed reconcile had before per-object backoff.
+pub const OLD_FIXED_RETRY_S: f64 = 2.0;
+
+/// Output of `benches/acquire.rs`: latencies of each way of getting a port (ms).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Acquire {
+    /// Samples of each.
+    pub samples: usize,
+    /// `PortClient::acquire` against the agent.
+    pub acquire: Vec<f64>,
+    /// One apply adding a key, then the watch until its port shows, against the agent.
+    pub plain: Vec<f64>,
+    /// The same against the minimal responder.
+    pub floor: Vec<f64>,
 }
 
 /// Reads a JSON results file.
