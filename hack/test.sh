@@ -3,8 +3,9 @@
 #
 #   1. tools: etcd, kube-apiserver, kubectl, helm, helm-unittest, promtool from their Go modules
 #      (cached by version in ~/.cache/portassign/tools)
-#   2. cargo fmt --check, cargo clippy -D warnings (the whole workspace), and the fuzz
-#      targets compiled (cargo check; `make fuzz` runs them)
+#   2. cargo fmt --check, cargo clippy -D warnings (the whole workspace), the fuzz
+#      targets compiled (cargo check; `make fuzz` runs them), and each crate by role
+#      checked alone
 #   3. the chart's templates: helm lint, helm-unittest (hack/chart-unittest.sh)
 #   4. one local etcd + kube-apiserver, shared by every test binary through
 #      PORTASSIGN_TEST_KUBECONFIG (set it yourself to use another cluster instead)
@@ -29,6 +30,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fuzz targets are a workspace of their own (built with sanitizers by `make fuzz`):
 # checked here so that a change of the product's API cannot leave them broken.
 cargo check --manifest-path fuzz/Cargo.toml --bins --locked
+# The crates by role, each alone: in the workspace build their dependencies' features are
+# unified with the agent's, so a crate that compiles only thanks to another's features
+# (the client once used tokio's macros without asking for them) shows only here.
+for crate in portassign-api portassign-client portassign-checker; do
+  cargo check -p "$crate" --locked
+done
 
 step "chart templates: helm lint, helm-unittest"
 hack/chart-unittest.sh

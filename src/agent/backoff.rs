@@ -21,13 +21,72 @@
 //!
 //! Whatever the delay, a watch event on the object or a freed port still reconciles it
 //! at once (the controller runs the earliest of its scheduled times).
+//!
+//! **Watches** ([`WatchBackoff`]) retry after a failed list or watch on a tighter
+//! schedule: from 200 ms, doubling, to a cap of 2 s ([`WATCH_CAP`]), each delay
+//! shortened by up to half at random. kube-runtime's default (client-go's: from 800 ms
+//! to 30 s) left an agent deaf for up to half a minute after the API server came back
+//! from a restart, with its node's keys waiting on nothing but that timer. With these
+//! delays an agent lists again at most 2 s after the server answers, and agents that
+//! lost the server together spread their relists over a second or more instead of
+//! arriving at once.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
 
+use kube::runtime::utils::Backoff;
+
 use super::table::ObjectId;
+
+/// The longest an agent waits before it lists or watches again after a failure.
+pub const WATCH_CAP: Duration = Duration::from_secs(2);
+/// The first such delay.
+pub const WATCH_BASE: Duration = Duration::from_millis(200);
+
+/// The delays between attempts of a failing list or watch: `min(cap, base × 2ⁿ)` for
+/// the `n`-th failure in a row, each shortened by a random fraction of at most a half
+/// (so the cap is a true bound). Reset by the first event after a failure.
+#[derive(Debug)]
+pub struct WatchBackoff {
+    failures: u32,
+    rng: fastrand::Rng,
+}
+
+impl WatchBackoff {
+    /// The agent's watch backoff.
+    pub fn new() -> Self {
+        Self::with_rng(fastrand::Rng::new())
+    }
+
+    /// The same with a given source of randomness (tests).
+    pub fn with_rng(rng: fastrand::Rng) -> Self {
+        WatchBackoff { failures: 0, rng }
+    }
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let full = WATCH_BASE.saturating_mul(1 << self.failures.min(16)).min(WATCH_CAP);
+        self.failures = self.failures.saturating_add(1);
+        Some(full.mul_f64(1.0 - 0.5 * self.rng.f64()))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
 
 /// How a failed write is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +300,55 @@ mod tests {
 
     fn id(name: &str) -> ObjectId {
         ObjectId::new("ns".to_owned(), name.to_owned())
+    }
+
+    /// On a simulated clock: a watch fails at every attempt while the API server is down
+    /// (from 0 to `back`), each attempt taking `attempt`; the time of the first attempt
+    /// after the server is back.
+    fn first_attempt_after(mut backoff: impl Backoff, back: Duration, attempt: Duration) -> Duration {
+        let mut now = Duration::ZERO;
+        while now < back {
+            now += attempt + backoff.next().expect("a delay");
+        }
+        now
+    }
+
+    #[test]
+    fn a_watch_lists_again_within_its_cap_after_the_server_returns_and_agents_spread_out() {
+        let attempt = Duration::from_millis(5);
+        for seconds in [1u64, 3, 6, 12, 20, 45, 120] {
+            let back = Duration::from_secs(seconds);
+            // 100 agents that lost the server at the same moment.
+            let first: Vec<Duration> = (0..100)
+                .map(|seed| first_attempt_after(WatchBackoff::with_rng(fastrand::Rng::with_seed(seed)), back, attempt))
+                .collect();
+            let (earliest, latest) = (first.iter().min().unwrap(), first.iter().max().unwrap());
+            assert!(*latest <= back + WATCH_CAP + attempt, "server back at {back:?}: an agent waited until {latest:?}");
+            if seconds >= 6 {
+                // Capped by then: the relists spread over at least a second, not one burst.
+                assert!(*latest - *earliest >= Duration::from_secs(1), "{back:?}: {earliest:?}..{latest:?}");
+            }
+        }
+        // kube-runtime's default (from 800 ms to 30 s) is what made agents deaf for tens
+        // of seconds: with the server back at 12 s, some agent waits past 20 s.
+        let back = Duration::from_secs(12);
+        let latest = (0..100)
+            .map(|_| first_attempt_after(kube::runtime::watcher::DefaultBackoff::default(), back, attempt))
+            .max()
+            .unwrap();
+        assert!(latest > back + Duration::from_secs(8), "the default waited at most until {latest:?}");
+    }
+
+    #[test]
+    fn a_watch_backoff_grows_to_its_cap_and_starts_over_after_a_success() {
+        let mut backoff = WatchBackoff::with_rng(fastrand::Rng::with_seed(7));
+        let delays: Vec<Duration> = backoff.by_ref().take(8).collect();
+        for (n, delay) in delays.iter().enumerate() {
+            let full = (WATCH_BASE * 2u32.pow(n as u32)).min(WATCH_CAP);
+            assert!(*delay <= full && *delay >= full / 2, "delay {n}: {delay:?} outside {:?}..={full:?}", full / 2);
+        }
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= WATCH_BASE, "a success starts the delays over");
     }
 
     #[test]

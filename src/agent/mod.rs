@@ -250,7 +250,7 @@ async fn run(
     let stop = shutdown.clone();
     let (store, writer) = reflector::store();
     let objects = watcher(api, watch)
-        .default_backoff()
+        .backoff(backoff::WatchBackoff::new())
         .modify(|object| object.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects();

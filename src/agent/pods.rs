@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
+    backoff::WatchBackoff,
     context::{Context, reference_to},
     node_ports::{Conflict, PodChange, PodPorts, RESERVED_PORTS_FILE, pod_ports},
 };
@@ -38,7 +39,7 @@ pub const RESERVED_PORTS_REFRESH: Duration = Duration::from_secs(2);
 pub(crate) async fn watch_pods(ctx: Arc<Context>, synced: watch::Sender<bool>, shutdown: CancellationToken) {
     let api: Api<Pod> = Api::all(ctx.client().clone());
     let config = watcher::Config::default().fields(&node_selector(ctx.node_name())).page_size(500);
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = watcher(api, config).backoff(WatchBackoff::new()).boxed();
     let mut listing: Option<HashMap<Arc<str>, PodPorts>> = None;
     loop {
         let event = tokio::select! {
