@@ -231,6 +231,7 @@ async fn relist_storm(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     anyhow::ensure!(created, "could not create the probe objects after the restart");
+    let probes_created_s = killed.elapsed().as_secs_f64();
     let deadline = killed + Duration::from_secs(180);
     let mut all_serving_s = f64::NAN;
     while Instant::now() < deadline {
@@ -264,6 +265,7 @@ async fn relist_storm(
         objects,
         api_back_s,
         all_serving_s,
+        probes_created_s,
         peak_cores,
         cpu_30s,
         peak_rss_mib,
@@ -272,8 +274,13 @@ async fn relist_storm(
         check_summary: stdout.lines().last().unwrap_or("no output").to_owned(),
     };
     eprintln!(
-        "storm: API back in {:.1}s, every agent serving in {:.1}s, kube-apiserver peak {:.2} cores / {:.0} MiB; {}",
-        storm.api_back_s, storm.all_serving_s, storm.peak_cores, storm.peak_rss_mib, storm.check_summary
+        "storm: API back in {:.1}s, probes created by {:.1}s, every agent serving in {:.1}s, kube-apiserver peak {:.2} cores / {:.0} MiB; {}",
+        storm.api_back_s,
+        storm.probes_created_s,
+        storm.all_serving_s,
+        storm.peak_cores,
+        storm.peak_rss_mib,
+        storm.check_summary
     );
     Ok(storm)
 }

@@ -27,9 +27,21 @@ pub fn portassign_bin() -> PathBuf {
     bin
 }
 
-/// A free TCP port on loopback (bound and released; good enough for test processes).
+/// A free TCP port on loopback (bound and released), never the same twice in this
+/// process: agents started together each get their own, where two callers racing
+/// between release and use could otherwise get one port, and the agent that lost the
+/// race would fail while the test polled the other one's `/readyz`.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Environment variables that would change an agent's settings behind the test's back.
@@ -245,10 +257,12 @@ impl AgentProcess {
         self
     }
 
-    /// Starts the agent and waits until `/readyz` answers 200.
+    /// Starts the agent and waits until `/readyz` answers 200; panics, with the log's
+    /// path, if the agent exits first.
     pub async fn start(mut self) -> Self {
         self.spawn();
         self.wait_ready(Duration::from_secs(60)).await;
+        assert!(self.is_running(), "agent {} exited at start; log: {}", self.node, self.log_path().display());
         self
     }
 

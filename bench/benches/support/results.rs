@@ -290,6 +290,9 @@ pub struct Storm {
     /// Kill → a new object created on every node after the API server is back is Ready:
     /// every agent has its watch back and serves its node again.
     pub all_serving_s: f64,
+    /// Kill → the last of those objects created (the API server answered every create).
+    #[serde(default)]
+    pub probes_created_s: f64,
     /// Peak kube-apiserver CPU (cores, over 250 ms samples) in the 30 s after the restart.
     pub peak_cores: f64,
     /// kube-apiserver CPU seconds over those 30 s.
