@@ -249,14 +249,15 @@ async fn run(
     let watch = watcher::Config::default().fields(&selector).page_size(100);
     let stop = shutdown.clone();
     let (store, writer) = reflector::store();
-    let objects = watcher(api, watch)
-        .backoff(backoff::WatchBackoff::new())
-        .modify(|object| object.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
+    // No backoff on the watch itself: the controller wraps its triggers in one (its
+    // default is client-go's, 800 ms doubling to 30 s, which kept agents deaf for up to
+    // half a minute after an API-server restart), replaced below by the agent's.
+    let objects =
+        watcher(api, watch).modify(|object| object.managed_fields_mut().clear()).reflect(writer).applied_objects();
     tasks.spawn(supervise::VANISHED_SWEEP, release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
     Controller::for_stream(objects, store)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .trigger_backoff(backoff::WatchBackoff::new())
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
