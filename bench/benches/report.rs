@@ -639,6 +639,15 @@ fn scale_targets(s: &Scale) -> Vec<Target> {
             storm.check_summary.clone(),
             storm.check_exit == 0,
         ));
+        let after = storm.all_serving_s - storm.api_back_s;
+        out.push((
+            format!("Relist storm, M = {}: every agent serving within 5 s of the API server's return", storm.agents),
+            format!(
+                "{after:.1} s ({:.1} s after the kill, the server back at {:.1} s)",
+                storm.all_serving_s, storm.api_back_s
+            ),
+            after <= 5.0,
+        ));
     }
     for f in &s.failure {
         if f.end() > 60.0 {
