@@ -45,7 +45,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Namespace;
 use kit::{Common, Observer, agent, cpu_seconds, machine_busy_seconds, metric, proc_status_kib, request_counts};
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use portassign::{
@@ -335,8 +335,8 @@ async fn populate(client: &Client, ns: &str, node: &str, objects: usize) -> anyh
                 let ports =
                     created.spec.keys.iter().enumerate().map(|(k, key)| (key.clone(), (20000 + i * KEYS + k) as u16));
                 let body = json!({
-                    "apiVersion": "portassign.io/v1alpha1",
-                    "kind": "PortAssignment",
+                    "apiVersion": PortAssignment::api_version(&()),
+                    "kind": PortAssignment::kind(&()),
                     "status": ready_status(&created, ports.collect()),
                 });
                 let params = PatchParams::apply(FIELD_MANAGER).force();

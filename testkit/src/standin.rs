@@ -35,7 +35,9 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{WatchStreamExt, watcher},
 };
-use portassign::api::{CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, node_selector};
+use portassign::api::{
+    CONDITION_READY, FINALIZER, PortAssignment, PortAssignmentStatus, PortEntry, node_selector, reason,
+};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -184,7 +186,7 @@ pub fn ready_status(object: &PortAssignment, ports: BTreeMap<String, u16>) -> Po
         conditions: vec![Condition {
             type_: CONDITION_READY.into(),
             status: "True".into(),
-            reason: "Allocated".into(),
+            reason: reason::ALLOCATED.into(),
             message: format!("all {} keys have a port", ports.len()),
             observed_generation: generation,
             last_transition_time: Time(Timestamp::now()),

@@ -232,8 +232,8 @@ pub fn agent(kubeconfig: &Path, node: &str, logs: &Path) -> AgentProcess {
 /// (`None` when the agent does not answer).
 pub async fn metric(agent: &AgentProcess, name: &str, labels: &str) -> Option<f64> {
     let (_, body) = portassign::checker::get(&format!("{}/metrics", agent.url)).await.ok()?;
-    let values = body.lines().filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")));
-    Some(values.filter(|l| l.contains(labels)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum())
+    let samples = body.lines().filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])));
+    Some(samples.filter(|l| l.contains(labels)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum())
 }
 
 /// `apiserver_request_total` for PortAssignments and Events, summed by
