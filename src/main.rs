@@ -38,6 +38,28 @@ enum Command {
     Acquire(acquire::AcquireArgs),
     /// Release a key's port: removes what the key's acquire added.
     Release(acquire::ReleaseArgs),
+    /// The kubelet side of the DRA driver (the agent pod's second container): registers
+    /// with the kubelet, prepares claims by asking the agent, writes their CDI specs.
+    KubeletPlugin(KubeletPluginArgs),
+}
+
+#[derive(clap::Args)]
+struct KubeletPluginArgs {
+    /// The agent's socket (its --dra-socket).
+    #[arg(long, env = "PORTASSIGN_DRA_SOCKET", default_value = "/run/portassign/agent.sock")]
+    agent_socket: std::path::PathBuf,
+    /// The kubelet's plugin registration directory.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins_registry")]
+    registry_dir: std::path::PathBuf,
+    /// The directory of the driver's own socket.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/ports.portassign.io")]
+    plugin_dir: std::path::PathBuf,
+    /// The CDI spec directory the container runtime reads.
+    #[arg(long, default_value = "/var/run/cdi")]
+    cdi_dir: std::path::PathBuf,
+    /// Log line format.
+    #[arg(long, env = "PORTASSIGN_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +202,14 @@ struct AgentArgs {
     /// Most HTTP connections open at once; past it the oldest is closed.
     #[arg(long, env = "PORTASSIGN_HTTP_MAX_CONNECTIONS", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     http_max_connections: u16,
+    /// Ports pods get through Dynamic Resource Allocation (driver ports.portassign.io),
+    /// same syntax as --port-range and disjoint from it. Set, the agent publishes the
+    /// node's ResourceSlice and serves the kubelet plugin on --dra-socket.
+    #[arg(long, env = "PORTASSIGN_DRA_PORT_RANGE")]
+    dra_port_range: Option<PortRanges>,
+    /// The Unix socket the kubelet plugin (`portassign kubelet-plugin`) reaches the agent on.
+    #[arg(long, env = "PORTASSIGN_DRA_SOCKET", default_value = "/run/portassign/agent.sock")]
+    dra_socket: std::path::PathBuf,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -210,6 +240,10 @@ async fn main() -> ExitCode {
         Command::Check(args) => run_check(args).await,
         Command::Acquire(args) => acquire::acquire(args).await,
         Command::Release(args) => acquire::release(args).await,
+        Command::KubeletPlugin(args) => {
+            telemetry::init(args.log_format);
+            logged_exit(run_kubelet_plugin(args).await)
+        }
         Command::Janitor(args) => {
             telemetry::init(args.log_format);
             logged_exit(run_janitor(args).await)
@@ -428,12 +462,43 @@ async fn run_janitor(args: JanitorArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn run_kubelet_plugin(args: KubeletPluginArgs) -> Result<(), String> {
+    let mut config = portassign_kubelet_plugin::Config::new(args.agent_socket);
+    config.registry_dir = args.registry_dir;
+    config.plugin_dir = args.plugin_dir;
+    config.cdi_dir = args.cdi_dir;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        token.cancel();
+    });
+    portassign_kubelet_plugin::serve(config, shutdown).await.map_err(|e| e.to_string())
+}
+
 async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let client = kube::Client::try_default().await.map_err(|e| {
         format!("no Kubernetes client configuration ({e}): set KUBECONFIG or run in a pod with a service account")
     })?;
+    let dra = match args.dra_port_range {
+        None => None,
+        Some(ranges) => {
+            let pool = PortPool::new(ranges, args.exclude_ports.clone(), args.node_port_range.0)
+                .map_err(|e| format!("invalid --dra-port-range: {e}"))?;
+            Some(agent::dra::Config { pool, socket: args.dra_socket })
+        }
+    };
     let pool = PortPool::new(args.port_range, args.exclude_ports, args.node_port_range.0)
         .map_err(|e| format!("invalid port settings: {e}"))?;
+    if let Some(dra) = &dra
+        && let Some(port) = (0..dra.pool.len()).map(|i| dra.pool.port_at(i)).find(|port| pool.contains(*port))
+    {
+        return Err(format!(
+            "--dra-port-range {} and --port-range {} share port {port}: the scheduler counts the DRA range's ports, so no key may take one; make them disjoint",
+            dra.pool.ranges(),
+            pool.ranges()
+        ));
+    }
     let config = agent::Config {
         node_name: args.node_name,
         pool,
@@ -449,6 +514,7 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
             ..Default::default()
         },
         faults: Default::default(),
+        dra,
     };
     let running = agent::start(client, config, Arc::new(SocketProbe::detect())).await.map_err(|e| e.to_string())?;
     let token = running.shutdown_token();

@@ -304,6 +304,7 @@ async fn readyz_fails_until_the_table_is_rebuilt() {
         writes: Default::default(),
         http: Default::default(),
         faults: Default::default(),
+        dra: None,
     };
     let agent = portassign::agent::start(
         client,

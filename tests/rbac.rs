@@ -32,6 +32,8 @@ const fn cannot(verb: &'static str, resource: &'static str, namespace: &'static 
 const PA: &str = "portassign.io/portassignments";
 const PA_STATUS: &str = "portassign.io/portassignments/status";
 const EVENTS: &str = "events.k8s.io/events";
+const CLAIMS: &str = "resource.k8s.io/resourceclaims";
+const SLICES: &str = "resource.k8s.io/resourceslices";
 const LEASES: &str = "coordination.k8s.io/leases";
 const TOKEN_REVIEWS: &str = "authentication.k8s.io/tokenreviews";
 const ACCESS_REVIEWS: &str = "authorization.k8s.io/subjectaccessreviews";
@@ -67,10 +69,22 @@ fn agent_rows() -> Vec<Row> {
         cannot("create", "/pods/exec", "ANY"),
         cannot("get", "/pods/log", "ANY"),
         cannot("create", "/pods/eviction", "ANY"),
-        cannot("get", PA, "*"),
-        cannot("create", PA, "*"),
+        // The DRA driver (on by default): a claim's ports live in a PortAssignment of its
+        // own, created at prepare, read back when prepared again, deleted at unprepare.
+        can("get", PA, "*"),
+        can("create", PA, "*"),
+        can("delete", PA, "*"),
+        // Which allocation results of a claim are this node's; the node's pool.
+        can("get", CLAIMS, "*"),
+        can("create", SLICES, "-"),
+        can("patch", SLICES, "-"),
+        cannot("list", CLAIMS, "*"),
+        cannot("update", CLAIMS, "ANY"),
+        cannot("patch", "resource.k8s.io/resourceclaims/status", "ANY"),
+        cannot("delete", SLICES, "-"),
+        cannot("update", SLICES, "-"),
+        cannot("create", "resource.k8s.io/deviceclasses", "-"),
         cannot("update", PA, "*"),
-        cannot("delete", PA, "*"),
         cannot("deletecollection", PA, "*"),
         cannot("update", PA_STATUS, "*"),
         cannot("delete", EVENTS, "ANY"),

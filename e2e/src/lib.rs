@@ -316,13 +316,19 @@ impl Installed {
                         println!("(log of {name} not readable: its node {node} is gone)");
                         continue;
                     }
-                    // Every restart counts too: the previous container's log, if any.
-                    if let Ok(previous) = pods.logs(&name, &LogParams { previous: true, ..Default::default() }).await {
-                        logs.push(previous);
+                    // Every container (the agent pod has the kubelet plugin too), and every
+                    // restart: the previous container's log, if any.
+                    let containers: Vec<String> =
+                        pod.spec.iter().flat_map(|s| s.containers.iter().map(|c| c.name.clone())).collect();
+                    for container in containers {
+                        let params = LogParams { container: Some(container.clone()), ..Default::default() };
+                        if let Ok(previous) = pods.logs(&name, &LogParams { previous: true, ..params.clone() }).await {
+                            logs.push(previous);
+                        }
+                        logs.push(
+                            pods.logs(&name, &params).await.with_context(|| format!("logs of {name}/{container}"))?,
+                        );
                     }
-                    logs.push(
-                        pods.logs(&name, &LogParams::default()).await.with_context(|| format!("logs of {name}"))?,
-                    );
                 }
             }
         }

@@ -187,6 +187,202 @@ fn none_moved(before: &BTreeMap<String, BTreeMap<String, u16>>, after: &BTreeMap
     }
 }
 
+/// The DRA class's name (the chart's `dra.deviceClassName`).
+const DEVICE_CLASS: &str = "host-port.portassign.io";
+
+/// A hostNetwork sandbox pod that asks for its port through Dynamic Resource Allocation
+/// and listens on `$PORTASSIGN_PORT`: with a claim from the `host-port` template, or
+/// (`extended`) with the extended resource alone. `node` pins it by node selector (the
+/// scheduler still decides: a pod with `nodeName` skips it and its claim is never
+/// allocated).
+fn dra_pod(name: &str, node: Option<&str>, extended: bool) -> Pod {
+    let image = std::env::var("PORTASSIGN_E2E_SANDBOX_IMAGE")
+        .expect("PORTASSIGN_E2E_SANDBOX_IMAGE (hack/kind/test.sh sets it)");
+    let mut spec = serde_json::json!({
+        "hostNetwork": true, "restartPolicy": "Never",
+        "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+        "containers": [{
+            "name": "sandbox", "image": image, "imagePullPolicy": "Never",
+            "args": ["env", name],
+            "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } }
+        }]
+    });
+    if extended {
+        spec["containers"][0]["resources"] = serde_json::json!({ "limits": { "portassign.io/host-port": "1" } });
+    } else {
+        spec["containers"][0]["resources"] = serde_json::json!({ "claims": [{ "name": "port" }] });
+        spec["resourceClaims"] = serde_json::json!([{ "name": "port", "resourceClaimTemplateName": "host-port" }]);
+    }
+    if let Some(node) = node {
+        spec["nodeSelector"] = serde_json::json!({ "kubernetes.io/hostname": node });
+    }
+    serde_json::from_value(
+        serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name }, "spec": spec }),
+    )
+    .expect("DRA pod")
+}
+
+/// The port of the running pod `name`, from its claim's PortAssignment, and its node.
+async fn dra_port(pods: &Api<Pod>, api: &Api<PortAssignment>, name: &str) -> (String, u16) {
+    eventually(&format!("pod {name} running with its claim's port recorded"), TIMEOUT, || async {
+        let pod = pods.get(name).await.ok()?;
+        let status = pod.status.as_ref()?;
+        if status.phase.as_deref() != Some("Running") {
+            return None;
+        }
+        let claim = match status.resource_claim_statuses.as_ref().and_then(|s| s.first()) {
+            Some(s) => s.resource_claim_name.clone()?,
+            None => status.extended_resource_claim_status.as_ref()?.resource_claim_name.clone(),
+        };
+        let object = api.get(&format!("claim-{claim}")).await.ok()?;
+        let ports: Vec<u16> = ports_of(&object).into_values().collect();
+        let node = pod.spec?.node_name?;
+        (ports.len() == 1).then(|| (node, ports[0]))
+    })
+    .await
+}
+
+/// Pods get host ports through Dynamic Resource Allocation: the scheduler places them
+/// where the node's pool has capacity, the agent bind-verifies and records the port,
+/// the kubelet plugin puts it in the container's environment.
+async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, token: &str) {
+    let client = env.client();
+    let ns = unique("dra");
+    ensure_namespace(&client, &ns).await.expect("namespace");
+    let api: Api<PortAssignment> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let workers: Vec<String> = addresses.keys().filter(|n| !n.contains("control-plane")).cloned().collect();
+    assert!(workers.len() >= 2, "two workers: {workers:?}");
+    let node = workers[0].clone();
+    let (first, last) = (19000u16, 19002u16);
+
+    step(
+        "DRA: three ports per node (dra.portRange 19000-19002); three pods pinned to one worker get distinct ports of it, in their environment, reachable on the node",
+    );
+    env.helm_upgrade(&["dra.portRange.first=19000", "dra.portRange.last=19002"]).expect("helm upgrade");
+    env.rolled_out().await;
+    let template = serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": { "name": "host-port" },
+        "spec": { "spec": { "devices": { "requests": [{ "name": "port", "exactly": {
+            "deviceClassName": DEVICE_CLASS, "capacity": { "requests": { "ports": "1" } } } }] } } }
+    });
+    let templates: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "resource.k8s.io",
+            "v1",
+            "ResourceClaimTemplate",
+        )),
+    );
+    templates
+        .create(&PostParams::default(), &serde_json::from_value(template).expect("template"))
+        .await
+        .expect("create the ResourceClaimTemplate");
+    let mut held = BTreeMap::new();
+    for i in 0..3 {
+        let name = format!("pinned-{i}");
+        pods.create(&PostParams::default(), &dra_pod(&name, Some(&node), false)).await.expect("create a DRA pod");
+    }
+    for i in 0..3 {
+        let name = format!("pinned-{i}");
+        let (on, port) = dra_port(&pods, &api, &name).await;
+        assert_eq!(on, node, "{name} runs where it was pinned");
+        assert!((first..=last).contains(&port), "{name} got port {port}, outside the DRA range {first}-{last}");
+        let answer = answer_on(&format!("{}:{port}", addresses[&node])).await;
+        assert_eq!(answer.trim(), name, "{node}:{port} is served by {name}, which read the port from its environment");
+        held.insert(name, port);
+    }
+    let distinct: std::collections::BTreeSet<u16> = held.values().copied().collect();
+    assert_eq!(distinct.len(), 3, "three pods on one node, three ports: {held:?}");
+    checker_clean(&api, addresses, env.range, token).await;
+
+    step("DRA: a key acquired on that node never gets a DRA port");
+    let keys_api: Api<PortAssignment> = Api::namespaced(client.clone(), &ns);
+    let mut keyed = example("pool.yaml", "keys", &node).unwrap();
+    keyed.spec.keys = (0..5).map(|i| format!("key/{i}")).collect();
+    keys_api.create(&PostParams::default(), &keyed).await.expect("create keys");
+    let key_ports = eventually("the keys' ports", TIMEOUT, || async {
+        let o = keys_api.get("keys").await.ok()?;
+        o.is_ready().then(|| ports_of(&o))
+    })
+    .await;
+    assert!(key_ports.values().all(|p| env.range.contains(*p)), "keys get the keys' range: {key_ports:?}");
+
+    step(
+        "DRA: a fourth pod pinned to the full node stays Pending with the scheduler's reason; an unpinned one (extended resource only) goes to another node",
+    );
+    pods.create(&PostParams::default(), &dra_pod("pinned-3", Some(&node), false)).await.expect("create");
+    let reason = eventually("pinned-3 unschedulable", TIMEOUT, || async {
+        let pod = pods.get("pinned-3").await.ok()?;
+        let condition = pod.status?.conditions?.into_iter().find(|c| c.type_ == "PodScheduled")?;
+        (condition.status == "False").then_some(condition.message.unwrap_or_default())
+    })
+    .await;
+    assert!(reason.contains("cannot allocate all claims"), "the scheduler's reason: {reason}");
+    pods.create(&PostParams::default(), &dra_pod("anywhere", None, true)).await.expect("create");
+    let (on, port) = dra_port(&pods, &api, "anywhere").await;
+    assert_ne!(on, node, "the unpinned pod avoids the full node");
+    assert!((first..=last).contains(&port));
+    let answer = answer_on(&format!("{}:{port}", addresses[&on])).await;
+    assert_eq!(answer.trim(), "anywhere");
+    checker_clean(&api, addresses, env.range, token).await;
+
+    step("DRA: a pod deleted releases its port: the pending pod starts, on it");
+    pods.delete("pinned-0", &DeleteParams::default()).await.expect("delete pinned-0");
+    let freed = held.remove("pinned-0").expect("pinned-0's port");
+    let (on, port) = dra_port(&pods, &api, "pinned-3").await;
+    assert_eq!((on.as_str(), port), (node.as_str(), freed), "pinned-3 gets the one free port of {node}");
+    held.insert("pinned-3".into(), port);
+    checker_clean(&api, addresses, env.range, token).await;
+
+    step(
+        "DRA: the agent pod of the node deleted: every pod keeps its port, the new agent rebuilds them, and a new pod gets the port a deleted one left",
+    );
+    let system: Api<Pod> = Api::namespaced(client.clone(), portassign_e2e::RELEASE);
+    let selector = "app.kubernetes.io/component=agent";
+    let agent = system
+        .list(&ListParams::default().labels(selector))
+        .await
+        .expect("agent pods")
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+        .expect("the node's agent pod");
+    system.delete(&agent.name_any(), &DeleteParams::default()).await.expect("delete the agent pod");
+    eventually("a new agent pod Ready on the node", TIMEOUT, || async {
+        let list = system.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        let pod =
+            list.into_iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))?;
+        let ready = pod.status.as_ref()?.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (pod.uid() != agent.uid() && ready).then_some(())
+    })
+    .await;
+    checker_clean(&api, addresses, env.range, token).await;
+    for (name, port) in &held {
+        assert_eq!(dra_port(&pods, &api, name).await, (node.clone(), *port), "{name} kept its port");
+        assert_eq!(answer_on(&format!("{}:{port}", addresses[&node])).await.trim(), name);
+    }
+    pods.delete("pinned-1", &DeleteParams::default()).await.expect("delete pinned-1");
+    let freed = held.remove("pinned-1").expect("pinned-1's port");
+    pods.create(&PostParams::default(), &dra_pod("pinned-4", Some(&node), false)).await.expect("create");
+    let (_, port) = dra_port(&pods, &api, "pinned-4").await;
+    assert_eq!(port, freed, "the new pod gets the port the deleted one left, no other");
+    assert!(!held.values().any(|p| *p == port));
+    checker_clean(&api, addresses, env.range, token).await;
+
+    step("DRA: every pod deleted: every claim's object goes, every port is released");
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default()).await.expect("delete the pods");
+    eventually("every claim's PortAssignment gone", TIMEOUT, || async {
+        let left = api.list(&ListParams::default().labels(portassign::api::dra::CLAIM_LABEL)).await.ok()?.items;
+        left.is_empty().then_some(())
+    })
+    .await;
+    keys_api.delete("keys", &DeleteParams::default()).await.expect("delete keys");
+    checker_clean(&api, addresses, env.range, token).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lost_node() {
     let mut env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
@@ -395,6 +591,8 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let refused = env.refusals().await.expect("pod logs");
     assert!(refused.is_empty(), "refused calls:\n{}", refused.join("\n"));
     sandbox_pods.delete("sandbox", &DeleteParams::default()).await.expect("delete the sandbox pod");
+
+    dra_scenarios(&env, &addresses, &token).await;
 
     step("a worker node deleted: the janitor releases its objects after its grace");
     env.helm_upgrade(&["concurrency=64", "logLevel=info", "janitor.graceSeconds=3", "janitor.intervalSeconds=1"])

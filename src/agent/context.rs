@@ -71,6 +71,14 @@ impl Context {
         }
     }
 
+    /// Gives ResourceClaims their ports from `claims` (disjoint from the keys' pool).
+    /// Called before the agent starts: it replaces the (empty) state.
+    pub fn with_claims_pool(mut self, claims: PortPool) -> Self {
+        let keys = self.state().table().pool().clone();
+        self.state = Mutex::new(NodeState::with_pools(keys, Some(claims)));
+        self
+    }
+
     /// The API client (every write through it takes a [`Self::write_token`] first).
     pub fn client(&self) -> &Client {
         &self.client

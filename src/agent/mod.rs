@@ -54,6 +54,7 @@ use tracing::{info, warn};
 pub mod auth;
 pub mod backoff;
 pub mod context;
+pub mod dra;
 pub mod http;
 pub mod lock;
 pub mod metrics;
@@ -96,6 +97,8 @@ pub struct Config {
     pub http: server::HttpOptions,
     /// Faults injected into the background tasks (tests; none by default).
     pub faults: supervise::Faults,
+    /// The Dynamic Resource Allocation driver: off when `None`.
+    pub dra: Option<dra::Config>,
 }
 
 /// Failures that stop the agent.
@@ -172,7 +175,7 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
 
     let (wake, woken) = mpsc::unbounded_channel();
     let reporter = Reporter { controller: "portassign-agent".into(), instance: config.instance.clone() };
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         config.node_name.clone(),
         config.pool.clone(),
@@ -181,7 +184,11 @@ pub async fn start(client: Client, config: Config, probe: Arc<dyn PortProbe>) ->
         config.retry,
         config.writes,
         wake,
-    ));
+    );
+    if let Some(dra) = &config.dra {
+        ctx = ctx.with_claims_pool(dra.pool.clone());
+    }
+    let ctx = Arc::new(ctx);
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     let failure = Arc::new(std::sync::Mutex::new(None));
@@ -255,6 +262,9 @@ async fn run(
     let objects =
         watcher(api, watch).modify(|object| object.managed_fields_mut().clear()).reflect(writer).applied_objects();
     tasks.spawn(supervise::VANISHED_SWEEP, release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
+    if let Some(driver) = config.dra.clone() {
+        tasks.spawn(supervise::DRA_DRIVER, dra::serve(ctx.clone(), store.clone(), driver, shutdown.clone()));
+    }
     Controller::for_stream(objects, store)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .trigger_backoff(backoff::WatchBackoff::new())

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use super::{
     backoff::Failure,
     context::{Context, reference_to, truncate},
-    table::{ObjectId, Reservation, Shortage},
+    table::{ObjectId, Reservation, Shortage, Source},
 };
 
 /// Field manager of every write the agent makes.
@@ -154,7 +154,11 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
     let id = object.id();
     let protocol = object.spec.protocol;
     let keys = object.spec.keys.iter().map(String::as_str);
-    let (reservation, pod_conflicts) = ctx.state().reserve(&id, protocol, keys, ctx.probe());
+    // An object the agent keeps for a ResourceClaim draws from the claims' pool: the
+    // scheduler counts those ports, so no key may take one, and no claim a key's.
+    let source =
+        if object.labels().contains_key(portassign_api::dra::CLAIM_LABEL) { Source::Claims } else { Source::Keys };
+    let (reservation, pod_conflicts) = ctx.state().reserve_from(source, &id, protocol, keys, ctx.probe());
     ctx.metrics().allocated(reservation.added.len());
 
     let mut status = desired_status(object, &reservation);

@@ -19,7 +19,7 @@ use portassign_api::{
 use super::{
     node_ports::{Conflict, NodePorts, PodChange, PodPorts, ReservedParseError},
     probe::PortProbe,
-    table::{Displaced, ObjectId, PortTable, Recorded, Released, Reservation},
+    table::{Displaced, ObjectId, PortTable, Recorded, Released, Reservation, Source},
 };
 
 /// The gauges the node's state feeds.
@@ -49,7 +49,12 @@ pub struct NodeState {
 impl NodeState {
     /// An empty state allocating from `pool`.
     pub fn new(pool: PortPool) -> Self {
-        Self { table: PortTable::with_pool(pool), node: NodePorts::default() }
+        Self::with_pools(pool, None)
+    }
+
+    /// An empty state allocating keys from `keys` and ResourceClaims from `claims`.
+    pub fn with_pools(keys: PortPool, claims: Option<PortPool>) -> Self {
+        Self { table: PortTable::with_pools(keys, claims), node: NodePorts::default() }
     }
 
     /// The port table, read-only.
@@ -72,12 +77,26 @@ impl NodeState {
         keys: impl IntoIterator<Item = &'k str>,
         probe: &dyn PortProbe,
     ) -> (Reservation, Vec<PodConflict>) {
+        self.reserve_from(Source::Keys, object, protocol, keys, probe)
+    }
+
+    /// [`Self::reserve`] from the pool of `source` (an object kept for a ResourceClaim
+    /// draws from the claims' pool only).
+    pub fn reserve_from<'k>(
+        &mut self,
+        source: Source,
+        object: &ObjectId,
+        protocol: Protocol,
+        keys: impl IntoIterator<Item = &'k str>,
+        probe: &dyn PortProbe,
+    ) -> (Reservation, Vec<PodConflict>) {
         self.node.remember(object, protocol);
         let node = &self.node;
         // Ports pods declare and ports the kernel reserves are looked up in memory
         // before the probe's bind: no syscall for them.
-        let reservation =
-            self.table.reserve(object, keys, &mut |port| !node.taken(port, protocol) && probe.is_free(port, protocol));
+        let reservation = self.table.reserve_from(source, object, keys, &mut |port| {
+            !node.taken(port, protocol) && probe.is_free(port, protocol)
+        });
         let conflicts = self.node.conflicts_of(object, &reservation.ports);
         (reservation, conflicts)
     }
@@ -213,6 +232,7 @@ impl NodeState {
         TableDocument {
             node: node.to_owned(),
             range: pool.ranges().to_string(),
+            claim_range: self.table.claims_pool().map(|p| p.ranges().to_string()).unwrap_or_default(),
             ready,
             ports,
             skipped,

@@ -31,7 +31,9 @@ pub const POD_WATCH: &str = "pod watch";
 pub const RESERVED_PORTS: &str = "reserved-ports refresh";
 /// The sweep that releases objects gone without their finalizer.
 pub const VANISHED_SWEEP: &str = "vanished-object sweep";
-/// Every supervised task.
+/// The DRA driver's socket for the kubelet plugin (only with `--dra-port-range`).
+pub const DRA_DRIVER: &str = "DRA driver";
+/// Every supervised task that always runs.
 pub const TASKS: [&str; 4] = [HTTP_SERVER, POD_WATCH, RESERVED_PORTS, VANISHED_SWEEP];
 
 /// Faults injected into named tasks after a delay (tests only; empty by default).

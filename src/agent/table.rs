@@ -74,16 +74,40 @@ pub struct Released {
     pub wake: Vec<ObjectId>,
 }
 
-/// The node's port table.
+/// Which pool a reservation draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The pool of keys (`--port-range`): PortAssignments users write.
+    Keys,
+    /// The pool of ResourceClaims (`--dra-port-range`): the scheduler counts its ports,
+    /// so nothing else may take them.
+    Claims,
+}
+
+/// One pool and where its next search starts.
 #[derive(Debug)]
-pub struct PortTable {
+struct Lane {
     pool: PortPool,
-    holders: HashMap<u16, Holder>,
-    objects: HashMap<Arc<ObjectId>, BTreeMap<String, u16>>,
-    held_in_range: usize,
+    /// Ports of the pool some key holds.
+    held: usize,
     /// Index in the pool where the next search starts: allocation rotates through the
     /// pool so a port just freed (its sandbox possibly still shutting down) is reused last.
     cursor: usize,
+}
+
+impl Lane {
+    fn new(pool: PortPool) -> Self {
+        Self { pool, held: 0, cursor: 0 }
+    }
+}
+
+/// The node's port table.
+#[derive(Debug)]
+pub struct PortTable {
+    keys: Lane,
+    claims: Option<Lane>,
+    holders: HashMap<u16, Holder>,
+    objects: HashMap<Arc<ObjectId>, BTreeMap<String, u16>>,
     /// Objects that asked for ports the table could not give.
     waiting: Vec<ObjectId>,
 }
@@ -96,19 +120,33 @@ impl PortTable {
 
     /// An empty table allocating from `pool`.
     pub fn with_pool(pool: PortPool) -> Self {
+        Self::with_pools(pool, None)
+    }
+
+    /// An empty table allocating keys from `keys` and claims from `claims` (disjoint).
+    pub fn with_pools(keys: PortPool, claims: Option<PortPool>) -> Self {
         Self {
-            pool,
+            keys: Lane::new(keys),
+            claims: claims.map(Lane::new),
             holders: HashMap::new(),
             objects: HashMap::new(),
-            held_in_range: 0,
-            cursor: 0,
             waiting: Vec::new(),
         }
     }
 
-    /// The ports new assignments come from.
+    /// The ports new assignments of keys come from.
     pub fn pool(&self) -> &PortPool {
-        &self.pool
+        &self.keys.pool
+    }
+
+    /// The ports claims are given, when Dynamic Resource Allocation is on.
+    pub fn claims_pool(&self) -> Option<&PortPool> {
+        self.claims.as_ref().map(|lane| &lane.pool)
+    }
+
+    /// Number of ports of the claims' pool no claim holds (0 without one).
+    pub fn free_for_claims(&self) -> usize {
+        self.claims.as_ref().map_or(0, |lane| lane.pool.len() - lane.held)
     }
 
     /// Takes the objects that were short of ports, so the caller can wake them (a port
@@ -124,7 +162,7 @@ impl PortTable {
 
     /// Number of ports of the pool no key holds.
     pub fn free_in_range(&self) -> usize {
-        self.pool.len() - self.held_in_range
+        self.keys.pool.len() - self.keys.held
     }
 
     /// Number of objects holding at least one port.
@@ -165,6 +203,18 @@ impl PortTable {
         wanted: impl IntoIterator<Item = &'k str>,
         is_free: &mut dyn FnMut(u16) -> bool,
     ) -> Reservation {
+        self.reserve_from(Source::Keys, object, wanted, is_free)
+    }
+
+    /// [`Self::reserve`] from the pool of `source`. Without a claims' pool a claim gets
+    /// no port ([`Shortage::RangeExhausted`]).
+    pub fn reserve_from<'k>(
+        &mut self,
+        source: Source,
+        object: &ObjectId,
+        wanted: impl IntoIterator<Item = &'k str>,
+        is_free: &mut dyn FnMut(u16) -> bool,
+    ) -> Reservation {
         let id = self.intern(object);
         let mut out = Reservation::default();
         for key in wanted {
@@ -176,7 +226,7 @@ impl PortTable {
                 out.unassigned.push(key.to_owned());
                 continue;
             }
-            match self.find_free(is_free) {
+            match self.find_free(source, is_free) {
                 Ok(port) => {
                     self.hold(port, Holder { object: id.clone(), key: key.to_owned() });
                     out.ports.insert(key.to_owned(), port);
@@ -229,7 +279,8 @@ impl PortTable {
     /// port and reported as [`Displaced`]. A key recorded twice in one object keeps its
     /// first port.
     pub fn rebuild<T: Ord>(&mut self, mut records: Vec<Recorded<T>>) -> Vec<Displaced> {
-        *self = PortTable::with_pool(self.pool.clone());
+        let claims = self.claims.as_ref().map(|lane| lane.pool.clone());
+        *self = PortTable::with_pools(self.keys.pool.clone(), claims);
         records.sort_by(|a, b| a.age.cmp(&b.age).then_with(|| a.object.cmp(&b.object)));
         let mut displaced = Vec::new();
         for record in records {
@@ -271,8 +322,8 @@ impl PortTable {
     fn hold(&mut self, port: u16, holder: Holder) {
         let held = self.objects.entry(holder.object.clone()).or_default();
         held.insert(holder.key.clone(), port);
-        if self.pool.contains(port) {
-            self.held_in_range += 1;
+        if let Some(lane) = self.lane_of(port) {
+            lane.held += 1;
         }
         let previous = self.holders.insert(port, holder);
         debug_assert!(previous.is_none(), "port {port} was held twice");
@@ -280,28 +331,45 @@ impl PortTable {
 
     fn free(&mut self, ports: Vec<(String, u16)>) -> Released {
         for (_, port) in &ports {
-            if self.holders.remove(port).is_some() && self.pool.contains(*port) {
-                self.held_in_range -= 1;
+            if self.holders.remove(port).is_some()
+                && let Some(lane) = self.lane_of(*port)
+            {
+                lane.held -= 1;
             }
         }
         let wake = if ports.is_empty() { Vec::new() } else { std::mem::take(&mut self.waiting) };
         Released { ports, wake }
     }
 
-    fn find_free(&mut self, is_free: &mut dyn FnMut(u16) -> bool) -> Result<u16, Shortage> {
-        let len = self.pool.len();
-        if self.held_in_range == len {
+    /// The lane whose pool has `port`.
+    fn lane_of(&mut self, port: u16) -> Option<&mut Lane> {
+        if self.keys.pool.contains(port) {
+            return Some(&mut self.keys);
+        }
+        self.claims.as_mut().filter(|lane| lane.pool.contains(port))
+    }
+
+    fn find_free(&mut self, source: Source, is_free: &mut dyn FnMut(u16) -> bool) -> Result<u16, Shortage> {
+        let lane = match source {
+            Source::Keys => &mut self.keys,
+            Source::Claims => match self.claims.as_mut() {
+                Some(lane) => lane,
+                None => return Err(Shortage::RangeExhausted),
+            },
+        };
+        let len = lane.pool.len();
+        if lane.held == len {
             return Err(Shortage::RangeExhausted);
         }
-        let mut at = self.cursor % len;
+        let mut at = lane.cursor % len;
         let mut tried = 0usize;
         for _ in 0..len {
-            let port = self.pool.port_at(at);
+            let port = lane.pool.port_at(at);
             at = (at + 1) % len;
             if !self.holders.contains_key(&port) {
                 tried += 1;
                 if is_free(port) {
-                    self.cursor = at;
+                    lane.cursor = at;
                     return Ok(port);
                 }
             }
@@ -326,6 +394,27 @@ mod tests {
 
     fn all_free(_: u16) -> bool {
         true
+    }
+
+    #[test]
+    fn claims_and_keys_never_take_from_each_others_pool() {
+        let mut table = PortTable::with_pools(range(100, 101).into(), Some(range(200, 201).into()));
+        let keys = table.reserve(&obj("keys"), ["a", "b", "c"], &mut all_free);
+        assert_eq!(keys.ports.values().copied().collect::<Vec<_>>(), [100, 101]);
+        assert_eq!(keys.shortage, Some(Shortage::RangeExhausted));
+        let claims = table.reserve_from(Source::Claims, &obj("claim"), ["x", "y", "z"], &mut all_free);
+        assert_eq!(claims.ports.values().copied().collect::<Vec<_>>(), [200, 201]);
+        assert_eq!(claims.shortage, Some(Shortage::RangeExhausted));
+        assert_eq!((table.free_in_range(), table.free_for_claims()), (0, 0));
+        table.release_object(&obj("claim"));
+        assert_eq!((table.free_in_range(), table.free_for_claims()), (0, 2));
+        // A rebuild keeps both pools.
+        table.rebuild(vec![Recorded { object: obj("claim"), age: 0, ports: vec![("x".into(), 201)] }]);
+        assert_eq!((table.free_in_range(), table.free_for_claims()), (2, 1));
+        // Without a claims' pool a claim gets nothing, not a key's port.
+        let mut plain = PortTable::with_pool(range(100, 101).into());
+        let none = plain.reserve_from(Source::Claims, &obj("claim"), ["x"], &mut all_free);
+        assert!(none.ports.is_empty());
     }
 
     #[test]

@@ -135,6 +135,7 @@ impl World {
             writes: agent::throttle::Rate::default(),
             http: Default::default(),
             faults: Default::default(),
+            dra: None,
         }
     }
 

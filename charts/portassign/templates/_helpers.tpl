@@ -231,3 +231,42 @@ the chart supports, 1.32 and later, serves it unless its API server turned it of
 {{- $served := or ($apis.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") (not ($apis.Has "v1/Pod")) }}
 {{- if and .Values.admissionPolicy.enabled $served }}true{{- end }}
 {{- end }}
+
+{{- /*
+Whether the DRA driver is installed: dra.enabled and the API server serves
+resource.k8s.io/v1. "true" or "".
+*/}}
+{{- define "portassign.dra" -}}
+{{- if and .Values.dra.enabled (.Capabilities.APIVersions.Has "resource.k8s.io/v1") }}true{{- end }}
+{{- end }}
+
+{{- /*
+The claims' range as the agent's --dra-port-range value, checked: not empty, not
+privileged, and disjoint from the keys' ranges.
+*/}}
+{{- define "portassign.draPortRange" -}}
+{{- $first := int .Values.dra.portRange.first }}
+{{- $last := int .Values.dra.portRange.last }}
+{{- if gt $first $last }}
+{{- fail (printf "dra.portRange.first (%d) is above dra.portRange.last (%d): the range would be empty; set first <= last" $first $last) }}
+{{- end }}
+{{- if lt $first 1024 }}
+{{- fail (printf "dra.portRange.first (%d) is a privileged port (below 1024): start it at 1024 or above" $first) }}
+{{- end }}
+{{- range splitList "," (include "portassign.portRange" .) }}
+{{- $r := splitList "-" . }}
+{{- if and (le $first (int (last $r))) (ge $last (int (first $r))) }}
+{{- fail (printf "dra.portRange %d-%d overlaps the keys' range %s: the scheduler counts the DRA range's ports, so keys must never get them; make them disjoint" $first $last .) }}
+{{- end }}
+{{- end }}
+{{- printf "%d-%d" $first $last }}
+{{- end }}
+
+{{- /*
+Every range the agent assigns from: the keys' ranges, then the claims' range when the
+DRA driver is installed.
+*/}}
+{{- define "portassign.assignedRanges" -}}
+{{- include "portassign.portRange" . }}
+{{- if include "portassign.dra" . }},{{ include "portassign.draPortRange" . }}{{- end }}
+{{- end }}

@@ -16,6 +16,9 @@ pub struct TableDocument {
     pub node: String,
     /// The agent's ranges, `FIRST-LAST[,FIRST-LAST...]`.
     pub range: String,
+    /// The ranges ResourceClaims get ports from (`--dra-port-range`; empty without).
+    #[serde(default, rename = "claimRange", skip_serializing_if = "String::is_empty")]
+    pub claim_range: String,
     /// Whether the agent had rebuilt its table.
     pub ready: bool,
     /// Every port it holds.

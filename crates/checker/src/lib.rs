@@ -67,9 +67,17 @@ pub fn check(
     let mut violations = Vec::new();
     let mut ranges: HashMap<String, PortRanges> =
         expect.ranges.iter().map(|(node, range)| (node.clone(), PortRanges::from(*range))).collect();
+    // The ranges claims' objects draw from, as their agents say (no expectation: claims
+    // are the agents' own objects).
+    let mut claim_ranges: HashMap<String, PortRanges> = HashMap::new();
     for agent in agents {
         if let Ok(range) = agent.range.parse() {
             ranges.entry(agent.node.clone()).or_insert(range);
+        }
+        if let Ok(range) = agent.claim_range.parse::<PortRanges>()
+            && !range.is_empty()
+        {
+            claim_ranges.insert(agent.node.clone(), range);
         }
     }
     let mut held: BTreeMap<&str, BTreeSet<Entry>> = BTreeMap::new();
@@ -107,11 +115,17 @@ pub fn check(
                 }
             }
         }
+        // A claim's object holds ports of the claims' range only, every other object
+        // ports of the keys' ranges only: the scheduler's count of the claims' range is
+        // the truth only if nothing else takes from it.
+        let claim = object.labels().contains_key(portassign_api::dra::CLAIM_LABEL);
+        let range = if claim { claim_ranges.get(node) } else { ranges.get(node) };
         for entry in &status.ports {
-            if let Some(range) = ranges.get(node)
+            if let Some(range) = range
                 && !range.contains(entry.port)
             {
-                fail(format!("{id} key {} holds port {} outside the range {range}", entry.key, entry.port));
+                let which = if claim { "claims' range" } else { "range" };
+                fail(format!("{id} key {} holds port {} outside the {which} {range}", entry.key, entry.port));
             }
             if let Some(other) = by_port.insert((node, entry.port), format!("{id} key {}", entry.key)) {
                 fail(format!("port {} is held twice: by {other} and by {id} key {}", entry.port, entry.key));
@@ -392,6 +406,7 @@ mod tests {
         TableDocument {
             node: node.into(),
             range: "100-199".into(),
+            claim_range: "500-509".into(),
             ready: true,
             ports: ports
                 .iter()
@@ -444,6 +459,22 @@ mod tests {
         for e in expect {
             assert!(found.iter().any(|f| f.contains(e)), "missing {e:?} in {found:#?}");
         }
+    }
+
+    #[test]
+    fn claims_and_keys_hold_ports_of_their_own_ranges_only() {
+        let mut claim = object("claim-web", "n1", &["port"], &[("port", 500)], true);
+        claim.metadata.labels = Some([(portassign_api::dra::CLAIM_LABEL.to_string(), "uid-1".to_string())].into());
+        let mut stray = object("claim-db", "n1", &["port"], &[("port", 150)], true);
+        stray.metadata.labels = claim.metadata.labels.clone();
+        let key = object("keys", "n1", &["k"], &[("k", 505)], true);
+        let agents = [agent("n1", &[(500, "claim-web", "port"), (150, "claim-db", "port"), (505, "keys", "k")])];
+        let found = run(&[claim, stray, key], &agents);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(
+            found.iter().any(|f| f.contains("ns/claim-db key port holds port 150 outside the claims' range 500-509"))
+        );
+        assert!(found.iter().any(|f| f.contains("ns/keys key k holds port 505 outside the range 100-199")));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! connection with its key, so a test can tell that it reached this sandbox and not
 //! something else holding the port.
 //!
-//! Usage: `sandbox PORT KEY`
+//! Usage: `sandbox PORT KEY`, or `sandbox env KEY` for the port in `PORTASSIGN_PORT`
+//! (what a pod that asked for its port through Dynamic Resource Allocation is given).
 
 use std::{
     io::Write,
@@ -13,8 +14,12 @@ use std::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(port), Some(key)) = (args.first().and_then(|p| p.parse::<u16>().ok()), args.get(1)) else {
-        eprintln!("usage: sandbox PORT KEY");
+    let port = match args.first().map(String::as_str) {
+        Some("env") => std::env::var("PORTASSIGN_PORT").ok(),
+        other => other.map(str::to_owned),
+    };
+    let (Some(port), Some(key)) = (port.and_then(|p| p.parse::<u16>().ok()), args.get(1)) else {
+        eprintln!("usage: sandbox PORT|env KEY (env: the port in PORTASSIGN_PORT)");
         return ExitCode::from(2);
     };
     // [::] takes IPv4 too (dual stack); 0.0.0.0 where the node has no IPv6.
