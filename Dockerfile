@@ -45,7 +45,9 @@ COPY target/release/portassign /portassign
 # manifest, and the root package's path dependencies, even to build one package. The
 # cache mounts keep the registry and target directory between builds (BuildKit); the
 # binary is copied out of the cached target directory because cache mounts are not part
-# of the image.
+# of the image. The build script of crates/kubelet-plugin downloads the kubelet's DRA
+# .proto files (k8s.io/kubelet at a pinned version, checksummed) from the Go module proxy
+# (GOPROXY, default proxy.golang.org).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -33,7 +33,7 @@ cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 # The crates by role, each alone: in the workspace build their dependencies' features are
 # unified with the agent's, so a crate that compiles only thanks to another's features
 # (the client once used tokio's macros without asking for them) shows only here.
-for crate in portassign-api portassign-client portassign-checker; do
+for crate in portassign-api portassign-client portassign-checker portassign-kubelet-plugin; do
   cargo check -p "$crate" --locked
 done
 

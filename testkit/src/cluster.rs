@@ -130,7 +130,9 @@ impl Cluster {
                 format!("httpAuth.{role}[0].namespace={namespace}"),
             ]
         };
-        let mut values = vec!["janitor.enabled=true".to_owned()];
+        // The DRA driver's RBAC too (off by default in the chart): tests/dra.rs runs an
+        // agent with it, and tests/rbac.rs proves its verbs.
+        let mut values = vec!["janitor.enabled=true".to_owned(), "dra.enabled=true".to_owned()];
         values.extend(subject("metricsReaders"));
         values.extend(subject("tableReaders"));
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
