@@ -259,8 +259,7 @@ async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, to
     step(
         "DRA: three ports per node (dra.portRange 19000-19002); three pods pinned to one worker get distinct ports of it, in their environment, reachable on the node",
     );
-    env.helm_upgrade(&["dra.enabled=true", "dra.portRange.first=19000", "dra.portRange.last=19002"])
-        .expect("helm upgrade");
+    env.helm_upgrade(&["dra.portRange.first=19000", "dra.portRange.last=19002"]).expect("helm upgrade");
     env.rolled_out().await;
     let template = serde_json::json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
@@ -384,21 +383,78 @@ async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, to
     checker_clean(&api, addresses, env.range, token).await;
 }
 
-/// Not run by `make test`: on kind v1.36.3 the kubelet never registers the plugin. Its
-/// registration client sends the socket path as the HTTP/2 `:authority`, which h2 (under
-/// tonic) refuses as malformed, so GetInfo fails with PROTOCOL_ERROR and every pod with a
-/// claim stays ContainerCreating ("DRA driver ports.portassign.io is not registered").
-/// The scheduler side passed in that run: the three pinned pods were scheduled to the
-/// worker and their claims allocated from its ResourceSlice. Run it with `--ignored` on a
-/// kept cluster (`KEEP_CLUSTER=1 make e2e-kind`).
+/// Seconds from `create` until the pod runs, for `pods` created one after the other (each
+/// deleted before the next).
+async fn start_times(pods: &Api<Pod>, make: impl Fn(&str, u16) -> Pod, count: u16) -> Vec<f64> {
+    let mut times = Vec::new();
+    for i in 0..count {
+        let pod = make(&format!("timed-{i}"), i);
+        let name = pod.name_any();
+        let started = std::time::Instant::now();
+        pods.create(&PostParams::default(), &pod).await.expect("create");
+        eventually(&format!("{name} running"), TIMEOUT, || async {
+            let pod = pods.get(&name).await.ok()?;
+            let running = pod.status?.container_statuses?.first()?.state.as_ref()?.running.is_some();
+            running.then_some(())
+        })
+        .await;
+        times.push(started.elapsed().as_secs_f64());
+        pods.delete(&name, &DeleteParams::default().grace_period(0)).await.expect("delete");
+        eventually(&format!("{name} gone"), TIMEOUT, || async {
+            pods.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+    }
+    times
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The benchmark of a pod's start with its port through DRA against the same pod with a
+/// fixed `hostPort` (docs/benchmarks.md): 20 of each, one after the other, on the kind
+/// cluster. Not part of `make test`; `hack/kind/test.sh` with `KEEP_CLUSTER=1`, then this
+/// with `--ignored` and the same environment (docs/benchmarks.md has the command).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "the kubelet's plugin registration is refused by h2 (socket path as :authority); see the doc comment"]
-async fn pods_get_host_ports_through_dynamic_resource_allocation() {
+#[ignore = "a benchmark: run it on purpose (docs/benchmarks.md)"]
+async fn dra_pod_start_against_a_fixed_host_port() {
     let env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
-    assert_eq!(env.provider, Provider::Kind, "these scenarios need PORTASSIGN_E2E_PROVIDER=kind");
-    let addresses = node_addresses(&Api::all(env.client())).await;
-    let token = env.reader.as_ref().expect("the suite's reader identity").token();
-    dra_scenarios(&env, &addresses, &token).await;
+    let client = env.client();
+    let ns = unique("podstart");
+    ensure_namespace(&client, &ns).await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let count = 20;
+    // The same pod both ways: hostNetwork sandbox stand-in, pinned to one worker by node
+    // selector (so both go through the scheduler); a fixed port outside every range.
+    let worker = env.nodes.iter().find(|n| !n.contains("control-plane")).expect("a worker").clone();
+    let fixed = start_times(
+        &pods,
+        // A port of its own per pod: a pod deleted with no grace may still hold its port
+        // on the node when the next one starts.
+        |name, i| {
+            let port = 18_500 + i;
+            let mut pod = named_sandbox_pod(name, &worker, port, name);
+            let spec = pod.spec.as_mut().expect("spec");
+            spec.node_name = None;
+            spec.node_selector = Some([("kubernetes.io/hostname".to_string(), worker.clone())].into());
+            spec.containers[0].readiness_probe = None;
+            spec.containers[0].ports = Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+                container_port: i32::from(port),
+                host_port: Some(i32::from(port)),
+                ..Default::default()
+            }]);
+            pod
+        },
+        count,
+    )
+    .await;
+    let dra = start_times(&pods, |name, _| dra_pod(name, Some(&worker), true), count).await;
+    let (fixed_p50, dra_p50) = (median(fixed.clone()), median(dra.clone()));
+    println!("fixed hostPort: p50 {fixed_p50:.3} s over {count} pods: {fixed:.3?}");
+    println!("DRA (extended resource): p50 {dra_p50:.3} s over {count} pods: {dra:.3?}");
+    println!("ratio DRA / fixed hostPort: {:.2}", dra_p50 / fixed_p50);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -609,6 +665,8 @@ async fn the_chart_daemonset_keeps_every_port_through_restarts_rollouts_and_a_lo
     let refused = env.refusals().await.expect("pod logs");
     assert!(refused.is_empty(), "refused calls:\n{}", refused.join("\n"));
     sandbox_pods.delete("sandbox", &DeleteParams::default()).await.expect("delete the sandbox pod");
+
+    dra_scenarios(&env, &addresses, &token).await;
 
     step("a worker node deleted: the janitor releases its objects after its grace");
     env.helm_upgrade(&["concurrency=64", "logLevel=info", "janitor.graceSeconds=3", "janitor.intervalSeconds=1"])

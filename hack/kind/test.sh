@@ -14,7 +14,8 @@
 #      running that image
 #   5. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
 #
-# Environment: KEEP_CLUSTER, and those of cluster.sh and image.sh.
+# Environment: KEEP_CLUSTER; KIND_BENCH=1 runs only the DRA pod-start benchmark after step
+# 2 (`make bench-kind`); and those of cluster.sh and image.sh.
 set -euo pipefail
 # shellcheck disable=SC2034 # used by lib.sh
 KLOG_NAME=kind-test
@@ -47,6 +48,14 @@ cargo build --locked --bin portassign
 cargo build --locked -p portassign-e2e --bin sandbox
 sandbox=$(PORTASSIGN_BINARY=${CARGO_TARGET_DIR:-$REPO/target}/debug/sandbox PORTASSIGN_IMAGE=portassign-e2e-sandbox:dev \
   "$KIND_DIR/image.sh" load | tail -n 1)
+if [ "${KIND_BENCH:-}" = 1 ]; then
+  # `make bench-kind`: only the pod-start benchmark (docs/dra-benchmark.md), no tests.
+  phase "pod start: DRA against a fixed hostPort (image $image)"
+  PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
+    PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox \
+    cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture dra_pod_start
+  exit 0
+fi
 phase "the previous release, for the upgrade test"
 previous=$("$KIND_DIR/previous.sh")
 previous_src=$(sed -n 1p <<<"$previous")

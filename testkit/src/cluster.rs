@@ -130,8 +130,8 @@ impl Cluster {
                 format!("httpAuth.{role}[0].namespace={namespace}"),
             ]
         };
-        // The DRA driver's RBAC too (off by default in the chart): tests/dra.rs runs an
-        // agent with it, and tests/rbac.rs proves its verbs.
+        // The DRA driver's RBAC too (on by default where the API server serves
+        // resource.k8s.io/v1): tests/dra.rs runs an agent with it, tests/rbac.rs proves it.
         let mut values = vec!["janitor.enabled=true".to_owned(), "dra.enabled=true".to_owned()];
         values.extend(subject("metricsReaders"));
         values.extend(subject("tableReaders"));

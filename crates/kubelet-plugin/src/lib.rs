@@ -13,6 +13,7 @@
 //! are root-owned host directories.
 
 mod agent;
+mod authority;
 pub mod cdi;
 mod service;
 
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use portassign_api::dra;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -169,17 +170,23 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Er
         "kubelet plugin serving"
     );
 
+    // Each socket is fronted (module `authority`): the kubelet's connections reach the
+    // gRPC servers through in-process pipes, their `:authority` made valid on the way.
+    let (dra_pipes, dra_incoming) = tokio::sync::mpsc::channel(16);
+    let (registration_pipes, registration_incoming) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(authority::front(dra_listener, dra_pipes, shutdown.clone()));
+    tokio::spawn(authority::front(registration_listener, registration_pipes, shutdown.clone()));
     let dra_server = async {
         Server::builder()
             .add_service(proto::dra::dra_plugin_server::DraPluginServer::new(dra))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(dra_listener), shutdown.cancelled())
+            .serve_with_incoming_shutdown(ReceiverStream::new(dra_incoming), shutdown.cancelled())
             .await
             .map_err(|source| Error::Serve { path: dra_socket.clone(), source })
     };
     let registration_server = async {
         Server::builder()
             .add_service(proto::registration::registration_server::RegistrationServer::new(registration))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(registration_listener), shutdown.cancelled())
+            .serve_with_incoming_shutdown(ReceiverStream::new(registration_incoming), shutdown.cancelled())
             .await
             .map_err(|source| Error::Serve { path: registration_socket.clone(), source })
     };
