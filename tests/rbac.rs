@@ -34,6 +34,7 @@ const PA_STATUS: &str = "portassign.io/portassignments/status";
 const EVENTS: &str = "events.k8s.io/events";
 const CLAIMS: &str = "resource.k8s.io/resourceclaims";
 const SLICES: &str = "resource.k8s.io/resourceslices";
+const CLAIM_DRIVER: &str = "resource.k8s.io/resourceclaims/driver";
 const LEASES: &str = "coordination.k8s.io/leases";
 const TOKEN_REVIEWS: &str = "authentication.k8s.io/tokenreviews";
 const ACCESS_REVIEWS: &str = "authorization.k8s.io/subjectaccessreviews";
@@ -74,13 +75,19 @@ fn agent_rows() -> Vec<Row> {
         can("get", PA, "*"),
         can("create", PA, "*"),
         can("delete", PA, "*"),
-        // Which allocation results of a claim are this node's; the node's pool.
+        // Which allocation results of a claim are this node's (and its ports shown in its
+        // status); the node's pool.
         can("get", CLAIMS, "*"),
         can("create", SLICES, "-"),
         can("patch", SLICES, "-"),
         cannot("list", CLAIMS, "*"),
         cannot("update", CLAIMS, "ANY"),
-        cannot("patch", "resource.k8s.io/resourceclaims/status", "ANY"),
+        can("patch", "resource.k8s.io/resourceclaims/status", "ANY"),
+        cannot("update", "resource.k8s.io/resourceclaims/status", "ANY"),
+        // The driver's synthetic permission for status.devices: its own node's claims only.
+        Row { name: "ports.portassign.io", ..can("associated-node:patch", CLAIM_DRIVER, "ANY") },
+        Row { name: "ports.portassign.io", ..cannot("arbitrary-node:patch", CLAIM_DRIVER, "ANY") },
+        Row { name: "another.driver.io", ..cannot("associated-node:patch", CLAIM_DRIVER, "ANY") },
         cannot("delete", SLICES, "-"),
         cannot("update", SLICES, "-"),
         cannot("create", "resource.k8s.io/deviceclasses", "-"),

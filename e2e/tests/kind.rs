@@ -296,6 +296,19 @@ async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, to
     }
     let distinct: std::collections::BTreeSet<u16> = held.values().copied().collect();
     assert_eq!(distinct.len(), 3, "three pods on one node, three ports: {held:?}");
+    // The claim shows its port too (status.devices[].data, written by the node's agent).
+    let claims: Api<k8s_openapi::api::resource::v1::ResourceClaim> = Api::namespaced(client.clone(), &ns);
+    for (name, port) in &held {
+        let pod = pods.get(name).await.expect("pod");
+        let claim = pod.status.and_then(|s| s.resource_claim_statuses).and_then(|s| s.into_iter().next());
+        let claim = claim.and_then(|c| c.resource_claim_name).expect("the pod's claim");
+        let shown = eventually(&format!("{claim}'s port in its status"), TIMEOUT, || async {
+            let devices = claims.get(&claim).await.ok()?.status?.devices?;
+            devices.first()?.data.as_ref().map(|d| d.0["ports"].clone())
+        })
+        .await;
+        assert_eq!(shown, serde_json::json!([port]), "{claim} shows {name}'s port");
+    }
     checker_clean(&api, addresses, env.range, token).await;
 
     step("DRA: a key acquired on that node never gets a DRA port");
@@ -370,7 +383,38 @@ async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, to
     let (_, port) = dra_port(&pods, &api, "pinned-4").await;
     assert_eq!(port, freed, "the new pod gets the port the deleted one left, no other");
     assert!(!held.values().any(|p| *p == port));
+    held.insert("pinned-4".into(), port);
     checker_clean(&api, addresses, env.range, token).await;
+
+    step("DRA: a pod deleted while its node has no agent: its port is released once the agent is back, none leaks");
+    // Every node but this one labelled; the DaemonSet selecting the label takes the
+    // node's agent (and so its kubelet plugin) away.
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    for other in addresses.keys().filter(|n| **n != node) {
+        let label = serde_json::json!({ "metadata": { "labels": { "e2e-agent": "yes" } } });
+        nodes_api.patch(other, &PatchParams::default(), &Patch::Merge(label)).await.expect("label a node");
+    }
+    let dra_values = ["dra.portRange.first=19000", "dra.portRange.last=19002"];
+    env.helm_upgrade(&[dra_values[0], dra_values[1], "nodeSelector.e2e-agent=yes"]).expect("helm upgrade");
+    eventually("no agent pod on the node", TIMEOUT, || async {
+        let list = system.list(&ListParams::default().labels(selector)).await.ok()?.items;
+        list.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node.as_str())).then_some(())
+    })
+    .await;
+    let (gone, freed) = held.pop_first().expect("a pod holding a port");
+    pods.delete(&gone, &DeleteParams::default()).await.expect("delete a pod while the agent is away");
+    env.helm_upgrade(&dra_values).expect("helm upgrade: the agent back on every node");
+    env.rolled_out().await;
+    eventually(&format!("{gone} gone"), TIMEOUT, || async { pods.get_opt(&gone).await.ok()?.is_none().then_some(()) })
+        .await;
+    checker_clean(&api, addresses, env.range, token).await;
+    pods.create(&PostParams::default(), &dra_pod("pinned-5", Some(&node), false)).await.expect("create");
+    let (_, port) = dra_port(&pods, &api, "pinned-5").await;
+    assert_eq!(port, freed, "the port of the pod deleted while the agent was away is free again");
+    for other in addresses.keys().filter(|n| **n != node) {
+        let label = serde_json::json!({ "metadata": { "labels": { "e2e-agent": null } } });
+        nodes_api.patch(other, &PatchParams::default(), &Patch::Merge(label)).await.expect("unlabel a node");
+    }
 
     step("DRA: every pod deleted: every claim's object goes, every port is released");
     pods.delete_collection(&DeleteParams::default(), &ListParams::default()).await.expect("delete the pods");

@@ -130,6 +130,29 @@ pub fn object_name(claim: &str) -> String {
     }
 }
 
+/// The claim's `status.devices` entries of this driver: one per prepared request (keyed
+/// by its share of the device), its ports in `data`.
+pub fn device_status(claim: &str, node: &str, devices: &[PreparedDevice]) -> serde_json::Value {
+    let entries: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| {
+            let mut entry = serde_json::json!({
+                "driver": dra::DRIVER, "pool": node, "device": d.device,
+                "data": { "request": d.request, "ports": d.ports },
+            });
+            if let Some(share) = &d.share_id {
+                entry["shareID"] = share.clone().into();
+            }
+            entry
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": { "name": claim },
+        "status": { "devices": entries },
+    })
+}
+
 /// The node's pool: one device shared by every claim, `ports` of capacity.
 pub fn slice(node: &str, ports: usize) -> ResourceSlice {
     let one = || Quantity("1".into());
@@ -301,6 +324,16 @@ impl Driver {
             .collect();
         let summary: Vec<String> = devices.iter().map(|d| format!("{}={:?}", d.request, d.ports)).collect();
         info!(claim = %id, uid = %claim.uid, ports = %summary.join(" "), "prepared ResourceClaim");
+        // The ports on the claim itself (status.devices[].data), for `kubectl get
+        // resourceclaim -o yaml`. Informational: the record is the PortAssignment, so a
+        // failure here is logged and does not fail the prepare.
+        self.ctx.write_token().await;
+        let status = device_status(&claim.name, self.ctx.node_name(), &devices);
+        if let Err(error) =
+            claims.patch_status(&claim.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status)).await
+        {
+            warn!(claim = %id, %error, "could not show the ports in the claim's status");
+        }
         self.ctx.publish_event(
             reference_to::<ResourceClaim>(&claim.namespace, &claim.name, Some(claim.uid.clone())),
             Event {
