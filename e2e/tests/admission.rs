@@ -130,6 +130,10 @@ fn render(release_namespace: &str, fullname: &str, values: &[&str]) -> Vec<Value
         "portRange.last=41999".to_owned(),
         "extraPortRanges[0].first=43000".to_owned(),
         "extraPortRanges[0].last=43099".to_owned(),
+        // The DRA driver's range (on by default where resource.k8s.io/v1 is served): the
+        // policy keeps it too.
+        "dra.portRange.first=44000".to_owned(),
+        "dra.portRange.last=44009".to_owned(),
     ];
     all.extend(values.iter().map(|v| v.to_string()));
     let mut args: Vec<String> = all.iter().map(|v| format!("--set={v}")).collect();
@@ -193,7 +197,7 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
     })
     .await;
 
-    let range = "41000-41999,43000-43099 (except 41500)";
+    let range = "41000-41999,43000-43099,44000-44009 (except 41500)";
     let how = "label the pod (of a workload: its pod template) or its namespace portassign.io/host-ports=allowed";
     let in_range = |p: u16| template(json!({}), spec(host_port(p, "TCP")));
     let mut cases: Vec<(&str, &str, Value, Expect)> = vec![
@@ -201,7 +205,9 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
             "hostPort in the range",
             checked.as_str(),
             pod(json!({}), spec(host_port(41017, "TCP"))),
-            Expect::Refused(&["container web declares hostPort 41017/TCP in 41000-41999,43000-43099 (except 41500)"]),
+            Expect::Refused(&[
+                "container web declares hostPort 41017/TCP in 41000-41999,43000-43099,44000-44009 (except 41500)",
+            ]),
         ),
         ("hostPort just below the range", &checked, pod(json!({}), spec(host_port(40999, "TCP"))), Expect::Admitted),
         ("hostPort just above the range", &checked, pod(json!({}), spec(host_port(42000, "TCP"))), Expect::Admitted),
@@ -217,6 +223,18 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
             checked.as_str(),
             pod(json!({}), spec(host_port(43050, "UDP"))),
             Expect::Refused(&["hostPort 43050/UDP"]),
+        ),
+        (
+            "hostPort in the DRA range",
+            checked.as_str(),
+            pod(json!({}), spec(host_port(44005, "TCP"))),
+            Expect::Refused(&["hostPort 44005/TCP in 41000-41999,43000-43099,44000-44009"]),
+        ),
+        (
+            "hostPort just above the DRA range",
+            &checked,
+            pod(json!({}), spec(host_port(44010, "TCP"))),
+            Expect::Admitted,
         ),
         ("SCTP", &checked, pod(json!({}), spec(host_port(41018, "SCTP"))), Expect::Refused(&["hostPort 41018/SCTP"])),
         (
@@ -384,7 +402,7 @@ async fn the_policy_refuses_host_ports_in_the_ranges_and_admits_the_rest() {
         .expect("portassign check");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = format!(
-        "IN-RANGE node admission-node: pod {checked}/before-the-policy container web declares hostPort 41101/UDP in portassign's ranges 41000-41999,43000-43099 (except 41500)"
+        "IN-RANGE node admission-node: pod {checked}/before-the-policy container web declares hostPort 41101/UDP in portassign's ranges 41000-41999,43000-43099,44000-44009 (except 41500)"
     );
     assert!(stdout.lines().any(|l| l == line), "portassign check does not list {line:?}:\n{stdout}");
 

@@ -253,6 +253,10 @@ privileged, and disjoint from the keys' ranges.
 {{- if lt $first 1024 }}
 {{- fail (printf "dra.portRange.first (%d) is a privileged port (below 1024): start it at 1024 or above" $first) }}
 {{- end }}
+{{- $metrics := int .Values.metricsPort }}
+{{- if and (le $first $metrics) (le $metrics $last) }}
+{{- fail (printf "metricsPort (%d) lies inside dra.portRange %d-%d: the agent's own HTTP port would be handed to a pod as well; move one of them" $metrics $first $last) }}
+{{- end }}
 {{- range splitList "," (include "portassign.portRange" .) }}
 {{- $r := splitList "-" . }}
 {{- if and (le $first (int (last $r))) (ge $last (int (first $r))) }}
