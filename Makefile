@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run test test-unit test-chart package fuzz chaos e2e e2e-kind bench-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
+.PHONY: help run test test-unit test-chart package fuzz chaos e2e e2e-kind e2e-kind-dra bench-kind kind-up kind-down image image-offline lint fmt crd tools build bench control-plane-up control-plane-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ e2e: ## The end-to-end suite on a local control plane (chart installed with helm
 
 e2e-kind: ## The end-to-end suite and the real-pod scenarios on the offline kind cluster (KEEP_CLUSTER=1 keeps it)
 	hack/kind/test.sh
+
+e2e-kind-dra: ## Only the DRA scenarios of e2e-kind, on a fresh install (for work on the driver)
+	KIND_DRA=1 hack/kind/test.sh
 
 bench-kind: ## Pod start with a port through DRA against a fixed hostPort, on the kind cluster (docs/dra-benchmark.md)
 	KIND_BENCH=1 hack/kind/test.sh

@@ -427,6 +427,18 @@ async fn dra_scenarios(env: &Installed, addresses: &BTreeMap<String, String>, to
     checker_clean(&api, addresses, env.range, token).await;
 }
 
+/// The DRA scenarios alone, on a fresh install: for work on the driver (`make
+/// e2e-kind-dra`). `make test` runs them inside the main kind test below.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run on purpose: make e2e-kind-dra (make test runs these scenarios in the main kind test)"]
+async fn dra_scenarios_alone() {
+    let env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
+    assert_eq!(env.provider, Provider::Kind, "these scenarios need PORTASSIGN_E2E_PROVIDER=kind");
+    let addresses = node_addresses(&Api::all(env.client())).await;
+    let token = env.reader.as_ref().expect("the suite's reader identity").token();
+    dra_scenarios(&env, &addresses, &token).await;
+}
+
 /// Seconds from `create` until the pod runs, for `pods` created one after the other (each
 /// deleted before the next).
 async fn start_times(pods: &Api<Pod>, make: impl Fn(&str, u16) -> Pod, count: u16) -> Vec<f64> {
@@ -462,7 +474,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// cluster. Not part of `make test`; `hack/kind/test.sh` with `KEEP_CLUSTER=1`, then this
 /// with `--ignored` and the same environment (docs/benchmarks.md has the command).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "a benchmark: run it on purpose (docs/benchmarks.md)"]
+#[ignore = "a benchmark: run it on purpose (make bench-kind, docs/dra-benchmark.md)"]
 async fn dra_pod_start_against_a_fixed_host_port() {
     let env = Installed::up().await.unwrap_or_else(|e| panic!("setting up the provider: {e:#}"));
     let client = env.client();

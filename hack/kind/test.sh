@@ -15,7 +15,8 @@
 #   5. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
 #
 # Environment: KEEP_CLUSTER; KIND_BENCH=1 runs only the DRA pod-start benchmark after step
-# 2 (`make bench-kind`); and those of cluster.sh and image.sh.
+# 2 (`make bench-kind`); KIND_DRA=1 only the DRA scenarios (`make e2e-kind-dra`); and
+# those of cluster.sh and image.sh.
 set -euo pipefail
 # shellcheck disable=SC2034 # used by lib.sh
 KLOG_NAME=kind-test
@@ -54,6 +55,14 @@ if [ "${KIND_BENCH:-}" = 1 ]; then
   PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
     PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox \
     cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture dra_pod_start
+  exit 0
+fi
+if [ "${KIND_DRA:-}" = 1 ]; then
+  # `make e2e-kind-dra`: only the DRA scenarios (make test runs them in the main kind test).
+  phase "DRA scenarios alone (image $image)"
+  PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
+    PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox \
+    cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture dra_scenarios_alone
   exit 0
 fi
 phase "the previous release, for the upgrade test"
