@@ -8,7 +8,10 @@
 #                 (API server restarted under 100 agents), refused status writes
 #   4. acquire:   latency of getting a port (client API and a plain key vs a minimal
 #                 responder's floor), same control plane; its own section of the report
-#   5. report:    Markdown table(s) and the plots (docs/convergence.svg, docs/scale.svg), every
+#   5. fanout:    kube-apiserver's CPU per write and watch-event latency against 1 to 3,000
+#                 open watches (the agents' field selector, and one namespace each), one light
+#                 process holding them; same control plane
+#   6. report:    Markdown table(s) and the plots (docs/convergence.svg, docs/scale.svg), every
 #                 ratio computed from this run
 #
 # The benchmarks are the workspace member portassign-bench (bench/). The agent the cluster
@@ -20,7 +23,8 @@
 # BENCH_RESTART_OBJECTS (default 2500, × 4 keys = 10,000 ports); BENCH_SCALE_AGENTS (default
 # 1,10,50,100), BENCH_SCALE_OBJECTS (default 1000) objects spread over them; BENCH_FAILING
 # (default 50,1000) objects per refused agent, watched for BENCH_FAILING_SECONDS (default 150).
-# BENCH_ACQUIRE_SAMPLES (default 200) acquires of each kind.
+# BENCH_ACQUIRE_SAMPLES (default 200) acquires of each kind. BENCH_FANOUT_WATCHERS (default
+# 1,10,100,1000,3000) open watches, one run each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Absolute paths: cargo runs each bench binary in its package's folder (bench/).
@@ -59,11 +63,13 @@ run cargo bench --locked -p portassign-bench --bench scale -- --kubeconfig "$kub
   --failing "${BENCH_FAILING:-50,1000}" --failing-seconds "${BENCH_FAILING_SECONDS:-150}" --out "$out/scale.json"
 run cargo bench --locked -p portassign-bench --bench acquire -- --kubeconfig "$kubeconfig" \
   --logs "$out/logs" --samples "${BENCH_ACQUIRE_SAMPLES:-200}" --out "$out/acquire.json"
+run cargo bench --locked -p portassign-bench --bench fanout -- --kubeconfig "$kubeconfig" --cp-dir "$cp_dir" \
+  --logs "$out/logs" --watchers "${BENCH_FANOUT_WATCHERS:-1,10,100,1000,3000}" --out "$out/fanout.json"
 hack/control-plane.sh down "$cp_dir" >/dev/null 2>&1 || true
 trap - EXIT
 printf '%6.1f  %s\n' 0 "hack/control-plane.sh down $cp_dir" >> "$commands"
 printf '%6d  %s\n' "$(( $(date +%s) - started ))" "(total before the report)" >> "$commands"
 
 cargo bench --locked -p portassign-bench --bench report -- --allocator "$out/allocator.json" --cluster "$out/cluster.json" \
-  --scale "$out/scale.json" --acquire "$out/acquire.json" --commands "$commands" --md "$root/docs/benchmarks.md"
+  --scale "$out/scale.json" --acquire "$out/acquire.json" --fanout "$out/fanout.json" --commands "$commands" --md "$root/docs/benchmarks.md"
 echo "make bench: done in $(( $(date +%s) - started ))s; see docs/benchmarks.md" >&2

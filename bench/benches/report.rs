@@ -20,7 +20,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use plotters::prelude::*;
 use results::{
-    Acquire, Allocator, Cluster, Convergence, Cpu, OLD_FIXED_RETRY_S, Scale, ScaleRun, System, median, percentile,
+    Acquire, Allocator, Cluster, Convergence, Cpu, Fanout, FanoutRun, OLD_FIXED_RETRY_S, Scale, ScaleRun, System,
+    median, percentile,
 };
 
 #[derive(Parser)]
@@ -37,6 +38,9 @@ struct Args {
     /// `acquire`'s JSON.
     #[arg(long)]
     acquire: PathBuf,
+    /// `fanout`'s JSON (its section says it was not run without it).
+    #[arg(long)]
+    fanout: Option<PathBuf>,
     /// The commands `hack/bench.sh` ran, with their times.
     #[arg(long)]
     commands: PathBuf,
@@ -68,6 +72,7 @@ struct Runs {
     cluster: Cluster,
     scale: Scale,
     acquire: Acquire,
+    fanout: Option<Fanout>,
 }
 
 fn report(args: Args) -> anyhow::Result<()> {
@@ -76,6 +81,7 @@ fn report(args: Args) -> anyhow::Result<()> {
         cluster: results::read(&args.cluster)?,
         scale: results::read(&args.scale)?,
         acquire: results::read(&args.acquire)?,
+        fanout: args.fanout.as_deref().map(results::read).transpose()?,
     };
     let commands =
         std::fs::read_to_string(&args.commands).with_context(|| format!("reading {}", args.commands.display()))?;
@@ -259,6 +265,7 @@ fn markdown(runs: &Runs, commands: &str) -> String {
     restart_section(&mut md, &runs.cluster);
     scale_section(&mut md, &runs.scale);
     acquire_section(&mut md, &runs.acquire);
+    fanout_section(&mut md, runs.fanout.as_ref());
     let _ = writeln!(
         md,
         "## Commands\n\n`make bench` runs `hack/bench.sh`, which ran these commands (seconds each took, then the \
@@ -836,6 +843,98 @@ fn acquire_section(md: &mut String, q: &Acquire) {
         let _ = writeln!(md, "| {what} | {p50:.1} ms | {p99:.1} ms | **{:.2}×** |", p50 / median(&q.floor));
     }
     md.push('\n');
+}
+
+/// Least squares `y = a + b·x` over `points` (`None` with fewer than two distinct x).
+fn linear_fit(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y));
+    let (mx, my) = (sx / n, sy / n);
+    let sxx: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    let sxy: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    (sxx > 0.0).then(|| (my - sxy / sxx * mx, sxy / sxx))
+}
+
+/// The "Watch fan-out" section: kube-apiserver's cost per write against open watches.
+fn fanout_section(md: &mut String, f: Option<&Fanout>) {
+    let _ = writeln!(md, "\n## 6. Watch fan-out\n");
+    let Some(f) = f else {
+        let _ = writeln!(md, "Not run (`make bench` runs it; `report` had no `--fanout`).\n");
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "What one change of a PortAssignment costs kube-apiserver while M watches are open, without the agents' \
+         own work: one light process (`--bench fanout`) holds the M watches, one HTTP connection each as M agents \
+         have. One object of node 0 is patched {} times a second for {} s; kube-apiserver's CPU over the writes, \
+         less its idle rate measured for as long just before with the same watches open, is divided by the \
+         writes. The latency is from the patch sent to its event at node 0's watch. **field**: every watch \
+         cluster-wide with the agents' selector `spec.nodeName=<node>` (what each agent opens). **namespace**: \
+         each watch scoped to a namespace of its own, no selector.\n",
+        f.rate, f.seconds
+    );
+    let _ = writeln!(
+        md,
+        "| M watches | field: CPU per write | field: event p50 / p99 | namespace: CPU per write | namespace: event \
+         p50 / p99 | idle (field, namespace) |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    let of = |scheme: &str| -> Vec<&FanoutRun> { f.runs.iter().filter(|r| r.scheme == scheme).collect() };
+    let (field, namespace) = (of("field"), of("namespace"));
+    for r in &field {
+        let other = namespace.iter().find(|n| n.watchers == r.watchers);
+        let (n_cpu, n_lat, n_idle) = other.map_or(("–".into(), "–".into(), "–".into()), |n| {
+            (
+                format!("{:.3} ms", n.cpu_per_write_ms),
+                format!("{:.1} / {:.1} ms", n.latency_p50_ms, n.latency_p99_ms),
+                format!("{:.3}", n.idle_cores),
+            )
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {:.3} ms | {:.1} / {:.1} ms | {n_cpu} | {n_lat} | {:.3}, {n_idle} cores |",
+            thousands(r.watchers),
+            r.cpu_per_write_ms,
+            r.latency_p50_ms,
+            r.latency_p99_ms,
+            r.idle_cores
+        );
+    }
+    let missing: u64 = f.runs.iter().map(|r| r.writes - r.events.min(r.writes)).sum();
+    if missing > 0 {
+        let _ = writeln!(md, "\n{missing} writes had no event at node 0's watch within the run (not timed).");
+    }
+    let _ = writeln!(
+        md,
+        "\nA straight line through each column (least squares, CPU per write against M), and where it \
+         leads:\n\n| watching | fit | at 5,000 watches | at 15,000 watches |\n|---|---|---:|---:|"
+    );
+    for (name, runs) in [("field (the agents' way)", &field), ("namespace", &namespace)] {
+        let points: Vec<(f64, f64)> = runs.iter().map(|r| (r.watchers as f64, r.cpu_per_write_ms)).collect();
+        if let Some((a, b)) = linear_fit(&points) {
+            let at = |m: f64| a + b * m;
+            let _ = writeln!(
+                md,
+                "| {name} | {a:.3} ms + {:.3} µs × M | {:.2} ms ({:.0} writes/s per core) | {:.2} ms ({:.0} writes/s \
+                 per core) |",
+                b * 1e3,
+                at(5000.0),
+                1e3 / at(5000.0),
+                at(15000.0),
+                1e3 / at(15000.0)
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nWhy the two differ (kube-apiserver v1.36.3, `staging/src/k8s.io/apiserver/pkg/storage/cacher/`): the \
+         watch cache hands each change to the watches of its bucket (`startDispatching` in `cacher.go`: the \
+         buckets of the object's namespace and name, the cluster-wide bucket, and a trigger index only when the \
+         resource has one). Pods and ResourceSlices index `spec.nodeName`; a custom resource never has a trigger \
+         (`apiextensions-apiserver/pkg/registry/customresource/etcd.go` gives its store no `TriggerFunc`), so \
+         every cluster-wide watch of PortAssignments gets every change and its own goroutine evaluates the \
+         selector (`cache_watcher.go`, `convertToWatchEvent`). A namespace-scoped watch sits in its namespace's \
+         bucket and never sees other namespaces' changes.\n"
+    );
 }
 
 /// One panel of a plot: title, axis names, and up to two series (name, points).

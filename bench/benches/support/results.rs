@@ -353,6 +353,41 @@ pub struct Acquire {
 }
 
 /// Reads a JSON results file.
+/// Everything one `fanout` run measured.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Fanout {
+    /// Writes per second to the object of node 0.
+    pub rate: u32,
+    /// Seconds of writes (and of idle before them) in each run.
+    pub seconds: u64,
+    /// One run per number of watches and way of watching.
+    pub runs: Vec<FanoutRun>,
+}
+
+/// `watchers` open watches of one kind while one object is written at a fixed rate.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FanoutRun {
+    /// `field` (cluster-wide, the agents' `spec.nodeName` selector) or `namespace` (one
+    /// namespace each, no selector).
+    pub scheme: String,
+    /// Open watches.
+    pub watchers: usize,
+    /// Writes sent.
+    pub writes: u64,
+    /// Of those, the events node 0's watch received.
+    pub events: u64,
+    /// Opening every watch.
+    pub open_s: f64,
+    /// kube-apiserver's CPU (cores) with the watches open and no write.
+    pub idle_cores: f64,
+    /// kube-apiserver's CPU per write over the writes, less the idle rate.
+    pub cpu_per_write_ms: f64,
+    /// Patch sent → its event received by node 0's watch.
+    pub latency_p50_ms: f64,
+    /// See `latency_p50_ms`.
+    pub latency_p99_ms: f64,
+}
+
 pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
