@@ -163,7 +163,14 @@ async fn checker_clean(
             .map(|v| v.to_string())
             .chain(unreachable)
             .collect();
-        if last.is_empty() && mine.iter().all(|o| o.is_ready()) {
+        // The checker agrees with every agent, but an object of this namespace may still
+        // wait for ports: say which, and why.
+        let waiting = mine.iter().filter(|o| !o.is_ready()).map(|o| {
+            let (status, reason) = ready_reason(o).unwrap_or_default();
+            format!("{} not Ready (Ready={status}, reason {reason})", o.name_any())
+        });
+        last.extend(waiting);
+        if last.is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
