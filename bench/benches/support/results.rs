@@ -380,8 +380,10 @@ pub struct FanoutRun {
     pub open_s: f64,
     /// kube-apiserver's CPU (cores) with the watches open and no write.
     pub idle_cores: f64,
-    /// kube-apiserver's CPU per write over the writes, less the idle rate.
+    /// kube-apiserver's CPU per write, less the idle rate: the median of the windows'.
     pub cpu_per_write_ms: f64,
+    /// Each window's CPU per write (the writes costed in consecutive windows).
+    pub cpu_per_write_windows_ms: Vec<f64>,
     /// Patch sent → its event received by node 0's watch.
     pub latency_p50_ms: f64,
     /// See `latency_p50_ms`.
