@@ -40,10 +40,10 @@ e2e-kind: ## The end-to-end suite and the real-pod scenarios on the offline kind
 	hack/kind/test.sh
 
 e2e-kind-dra: ## Only the DRA scenarios of e2e-kind, on a fresh install (for work on the driver)
-	KIND_DRA=1 hack/kind/test.sh
+	KIND_ONLY=dra_scenarios_alone hack/kind/test.sh
 
 bench-kind: ## Pod start with a port through DRA against a fixed hostPort, on the kind cluster (docs/dra-benchmark.md)
-	KIND_BENCH=1 hack/kind/test.sh
+	KIND_ONLY=dra_pod_start_against_a_fixed_host_port hack/kind/test.sh
 
 kind-up: ## Start the offline kind cluster (built and cached here); prints its kubeconfig
 	hack/kind/cluster.sh up

@@ -14,9 +14,9 @@
 #      running that image
 #   5. hack/kind/cluster.sh down    unless KEEP_CLUSTER=1 (then the kubeconfig is printed)
 #
-# Environment: KEEP_CLUSTER; KIND_BENCH=1 runs only the DRA pod-start benchmark after step
-# 2 (`make bench-kind`); KIND_DRA=1 only the DRA scenarios (`make e2e-kind-dra`); and
-# those of cluster.sh and image.sh.
+# Environment: KEEP_CLUSTER; KIND_ONLY=<test> runs only that ignored test of
+# e2e/tests/kind.rs after step 2 (`make bench-kind`, `make e2e-kind-dra`); and those of
+# cluster.sh and image.sh.
 set -euo pipefail
 # shellcheck disable=SC2034 # used by lib.sh
 KLOG_NAME=kind-test
@@ -49,20 +49,14 @@ cargo build --locked --bin portassign
 cargo build --locked -p portassign-e2e --bin sandbox
 sandbox=$(PORTASSIGN_BINARY=${CARGO_TARGET_DIR:-$REPO/target}/debug/sandbox PORTASSIGN_IMAGE=portassign-e2e-sandbox:dev \
   "$KIND_DIR/image.sh" load | tail -n 1)
-if [ "${KIND_BENCH:-}" = 1 ]; then
-  # `make bench-kind`: only the pod-start benchmark (docs/dra-benchmark.md), no tests.
-  phase "pod start: DRA against a fixed hostPort (image $image)"
+if [ -n "${KIND_ONLY:-}" ]; then
+  # One ignored test of e2e/tests/kind.rs alone: `make bench-kind` (the DRA pod-start
+  # benchmark, docs/dra-benchmark.md) or `make e2e-kind-dra` (the DRA scenarios, which
+  # make test runs inside the main kind test).
+  phase "$KIND_ONLY alone (image $image)"
   PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
     PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox \
-    cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture dra_pod_start
-  exit 0
-fi
-if [ "${KIND_DRA:-}" = 1 ]; then
-  # `make e2e-kind-dra`: only the DRA scenarios (make test runs them in the main kind test).
-  phase "DRA scenarios alone (image $image)"
-  PORTASSIGN_E2E_PROVIDER=kind PORTASSIGN_E2E_KUBECONFIG=$kubeconfig PORTASSIGN_E2E_IMAGE=$image \
-    PORTASSIGN_E2E_SANDBOX_IMAGE=$sandbox \
-    cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture dra_scenarios_alone
+    cargo test --locked -p portassign-e2e --features kind --test kind -- --ignored --nocapture --exact "$KIND_ONLY"
   exit 0
 fi
 phase "the previous release, for the upgrade test"
