@@ -8,6 +8,7 @@
 //! - [`probe`]: checks a port is free on the node by binding it.
 //! - [`context`]: what the tasks share (state, client, events, metrics, write bound).
 //! - [`reconcile`]: the reconcile loop (finalizer, status, events).
+//! - [`runner`]: which object is reconciled when (the queue, concurrency, requeues).
 //! - [`pods`]: the pod watch, the kernel reservations' refresh, conflict events.
 //! - [`http`]: the HTTP routes.
 //! - [`auth`]: bearer tokens reviewed by the API server for `/metrics` and `/debug/table`.
@@ -35,8 +36,7 @@ use kube::{
     api::ListParams,
     core::DeserializeGuard,
     runtime::{
-        Controller, WatchStreamExt,
-        controller::Config as ControllerConfig,
+        WatchStreamExt,
         events::{EventType, Reporter},
         reflector, watcher,
     },
@@ -62,6 +62,7 @@ pub mod node_ports;
 pub mod pods;
 pub mod probe;
 pub mod reconcile;
+pub mod runner;
 pub mod server;
 pub mod state;
 pub mod supervise;
@@ -254,33 +255,33 @@ async fn run(
     // The controller's cache holds every object of the node: managed fields (a large
     // share of each object, never read here) are dropped before they are stored.
     let watch = watcher::Config::default().fields(&selector).page_size(100);
-    let stop = shutdown.clone();
     let (store, writer) = reflector::store();
-    // No backoff on the watch itself: the controller wraps its triggers in one (its
-    // default is client-go's, 800 ms doubling to 30 s, which kept agents deaf for up to
-    // half a minute after an API-server restart), replaced below by the agent's.
-    let objects =
-        watcher(api, watch).modify(|object| object.managed_fields_mut().clear()).reflect(writer).applied_objects();
+    // The watch retries a failed list or watch after the agent's own backoff (kube's
+    // default, client-go's 800 ms doubling to 30 s, kept agents deaf for up to half a
+    // minute after an API-server restart).
+    let events = watcher(api, watch)
+        .backoff(backoff::WatchBackoff::new())
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer);
     tasks.spawn(supervise::VANISHED_SWEEP, release_vanished(store.clone(), ctx.clone(), shutdown.clone()));
     if let Some(driver) = config.dra.clone() {
         tasks.spawn(supervise::DRA_DRIVER, dra::serve(ctx.clone(), store.clone(), driver, shutdown.clone()));
     }
-    Controller::for_stream(objects, store)
-        .with_config(ControllerConfig::default().concurrency(config.concurrency))
-        .trigger_backoff(backoff::WatchBackoff::new())
-        .reconcile_on(UnboundedReceiverStream::new(woken))
-        .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                match error {
-                    kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                    // Logged by the error policy, once per backoff step rather than per retry.
-                    kube::runtime::controller::Error::ReconcilerFailed(..) => {}
-                    error => warn!(%error, "controller"),
-                }
+    // Every object the watch applies is reconciled (a list's once it is in the store),
+    // and every object woken because a port was released; a watch failure is logged and
+    // the watch retries on its own.
+    let changed = runner::triggers(events).filter_map(|result| {
+        std::future::ready(match result {
+            Ok(reference) => Some(reference),
+            Err(error) => {
+                warn!(%error, "watching this node's PortAssignments");
+                None
             }
         })
+    });
+    let triggers = futures::stream::select(changed, UnboundedReceiverStream::new(woken));
+    let concurrency = usize::from(config.concurrency);
+    runner::run(triggers, store, reconcile::reconcile, reconcile::error_policy, ctx, concurrency, shutdown.clone())
         .await;
     ready.store(false, Ordering::SeqCst);
     lock.release().await;

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use super::{
     backoff::Failure,
     context::{Context, reference_to, truncate},
+    runner::Next,
     table::{ObjectId, Reservation, Shortage, Source},
 };
 
@@ -112,7 +113,7 @@ impl Error {
 }
 
 /// Reconciles one object: the single entry point of its lifecycle.
-pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<Context>) -> Result<Next, Error> {
     let _timer = ctx.metrics().reconcile_timer();
     let object = match &guarded.0 {
         Ok(object) => object,
@@ -120,7 +121,7 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
     };
     if object.spec.node_name != ctx.node_name() {
         // The field selector keeps other nodes' objects out; this guards a misconfigured watch.
-        return Ok(Action::await_change());
+        return Ok(Next::AwaitChange);
     }
     let id = object.id();
     let api: Api<PortAssignment> = Api::namespaced(ctx.client().clone(), &id.namespace);
@@ -130,18 +131,27 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
     if object.metadata.deletion_timestamp.is_some() == has_finalizer {
         ctx.write_token().await;
     }
+    // The helper speaks kube's `Action`, whose delay cannot be read back: what the
+    // reconcile asks for next is kept beside it (the helper's own answer, after adding
+    // the finalizer, is to wait for the change that write makes).
+    let next = std::sync::Mutex::new(Next::AwaitChange);
     let result = finalizer::finalizer(&api, FINALIZER, Arc::new(object.clone()), |event| async {
-        match event {
-            Finalizer::Apply(object) => apply(&object, &ctx).await,
-            Finalizer::Cleanup(object) => cleanup(&object, &ctx),
-        }
+        let asked = match event {
+            Finalizer::Apply(object) => apply(&object, &ctx).await?,
+            Finalizer::Cleanup(object) => cleanup(&object, &ctx)?,
+        };
+        *next.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = asked;
+        Ok(Action::await_change())
     })
     .await;
     ctx.update_gauges();
-    let result = result.map_err(|source| match source {
-        finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
-        source => Error::Finalizer { object: id.clone(), source: Box::new(source) },
-    });
+    let result =
+        result.map(|_| next.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())).map_err(
+            |source| match source {
+                finalizer::Error::ApplyFailed(error) | finalizer::Error::CleanupFailed(error) => error,
+                source => Error::Finalizer { object: id.clone(), source: Box::new(source) },
+            },
+        );
     if result.is_ok() {
         ctx.end_backoff(&id, "reconcile succeeded");
     }
@@ -150,7 +160,7 @@ pub async fn reconcile(guarded: Arc<DeserializeGuard<PortAssignment>>, ctx: Arc<
 
 /// Gives every key a port, records the result in the status, and only then releases
 /// the ports of keys that left the spec.
-async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
+async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Next, Error> {
     let id = object.id();
     let protocol = object.spec.protocol;
     let keys = object.spec.keys.iter().map(String::as_str);
@@ -171,7 +181,7 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
             Err(kube::Error::Api(response)) if response.code == 404 => {
                 let released = ctx.release_object(&id);
                 debug!(object = %id, released, "object vanished during reconcile: released its ports");
-                return Ok(Action::await_change());
+                return Ok(Next::AwaitChange);
             }
             Err(source) => return Err(Error::WriteStatus { object: id.clone(), source }),
         }
@@ -198,34 +208,31 @@ async fn apply(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> 
         );
     }
     match reservation.shortage {
-        None => Ok(Action::await_change()),
+        None => Ok(Next::AwaitChange),
         Some(shortage) => {
             let (reason, message) = shortage_message(shortage, &reservation, ctx);
             warn!(object = %id, reason, "{message}");
             if object.ready_condition().map(|c| c.reason.as_str()) != Some(reason) {
                 ctx.publish(object, EventType::Warning, reason, message);
             }
-            Ok(Action::requeue(SHORTAGE_RETRY))
+            Ok(Next::RequeueAfter(SHORTAGE_RETRY))
         }
     }
 }
 
 /// Releases every port of a deleted object. Its status is left as it is: an object
 /// being deleted holds no ports, whatever its status says.
-fn cleanup(object: &PortAssignment, ctx: &Context) -> Result<Action, Error> {
+fn cleanup(object: &PortAssignment, ctx: &Context) -> Result<Next, Error> {
     let id = object.id();
     let released = ctx.release_object(&id);
     info!(object = %id, released, "object deleted: released its ports");
-    Ok(Action::await_change())
+    Ok(Next::AwaitChange)
 }
 
 /// An object the agent cannot decode (for example written under an older schema): it is
 /// skipped with a log line and an event; if it is being deleted its ports are released
 /// and the finalizer removed so deletion is not blocked.
-async fn reconcile_invalid(
-    invalid: &kube::core::error_boundary::InvalidObject,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn reconcile_invalid(invalid: &kube::core::error_boundary::InvalidObject, ctx: &Context) -> Result<Next, Error> {
     let meta = &invalid.metadata;
     let id = ObjectId::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
     warn!(object = %id, error = %invalid.error, "skipping a PortAssignment that cannot be decoded");
@@ -238,7 +245,7 @@ async fn reconcile_invalid(
     ctx.publish_on(reference, EventType::Warning, event_reason::INVALID_OBJECT, note);
     let has_finalizer = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
     if meta.deletion_timestamp.is_none() || !has_finalizer {
-        return Ok(Action::await_change());
+        return Ok(Next::AwaitChange);
     }
     ctx.release_object(&id);
     let api: Api<DeserializeGuard<PortAssignment>> = Api::namespaced(ctx.client().clone(), &id.namespace);
@@ -248,14 +255,14 @@ async fn reconcile_invalid(
         object: id,
         source: Box::new(finalizer::Error::RemoveFinalizer(source)),
     })?;
-    Ok(Action::await_change())
+    Ok(Next::AwaitChange)
 }
 
 /// Schedules the retry of a failed reconcile after the object's backoff delay (see
 /// [`super::backoff`]), logs each new backoff step (not each retry), and says why the
 /// object waits where its owner looks: its Ready condition, or an event when the status
 /// write itself is what fails.
-pub fn error_policy(object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(object: Arc<DeserializeGuard<PortAssignment>>, error: &Error, ctx: Arc<Context>) -> Duration {
     ctx.metrics().reconcile_error(error.label());
     let (kind, code, message) = error.failure();
     ctx.metrics().write_failure(kind.label(), code);
@@ -282,7 +289,7 @@ pub fn error_policy(object: Arc<DeserializeGuard<PortAssignment>>, error: &Error
         let status_refused = matches!(error, Error::WriteStatus { .. });
         tokio::spawn(async move { tell_waiting(&object, waiting, status_refused, &ctx).await });
     }
-    Action::requeue(retry.delay)
+    retry.delay
 }
 
 /// What the object's owner reads about a failing write.
