@@ -197,7 +197,9 @@ async fn fanout_run(bench: &Bench, scheme: Scheme, m: usize, rate: u32, seconds:
     let open_s = opened.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let cpu = || bench.common.cpu("kube-apiserver");
+    // Its threads' run time: a window's few dozen writes cost tens of milliseconds, which
+    // `/proc/<pid>/stat`'s 10 ms ticks would round to a quarter of a millisecond per write.
+    let cpu = || bench.common.thread_cpu("kube-apiserver");
     // The idle rate, like the writes, is the median of windows: a burst of the API
     // server's own in one of them must not be subtracted from every write.
     let mut idle = Vec::new();

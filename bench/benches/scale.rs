@@ -38,7 +38,7 @@ use std::{
 use anyhow::Context as _;
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Namespace;
-use kit::{Common, Observer, agent, cpu_seconds, loadavg, metric, proc_status_kib};
+use kit::{Common, FlowControl, Observer, agent, cpu_seconds, flow_control, loadavg, metric, proc_status_kib};
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams},
@@ -47,7 +47,7 @@ use portassign::api::PortAssignment;
 use portassign_testkit::{
     AgentProcess, Cluster, Identity, cluster::ensure_namespace, portassign_bin, restricted::Restricted,
 };
-use results::{FailureRun, Scale, ScaleRun, Storm};
+use results::{FailureRun, FlowWindow, Scale, ScaleRun, Storm};
 
 /// Keys per object in the scale runs (as in the cluster bench).
 const KEYS: usize = 4;
@@ -145,6 +145,54 @@ fn sample_apiserver(bench: &Bench) -> (Arc<Mutex<(f64, f64)>>, Arc<AtomicBool>) 
     (peaks, stop)
 }
 
+/// Reads kube-apiserver's flow control every 250 ms until finished: the peaks of its
+/// queue and of its executing requests, and its counters' first and last reading. A
+/// read that fails (the server is down) is skipped, and the next one uses a new client.
+struct FlowSampler {
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    task: tokio::task::JoinHandle<(Option<FlowControl>, Option<FlowControl>, FlowWindow)>,
+}
+
+impl FlowSampler {
+    fn start(admin: Identity) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut first, mut last, mut window) = (None, None, FlowWindow::default());
+            let mut client = admin.client();
+            while !flag.load(Ordering::SeqCst) {
+                match flow_control(&client).await {
+                    Ok(flow) => {
+                        first.get_or_insert(flow);
+                        last = Some(flow);
+                        window.samples += 1;
+                        window.peak_in_queue = window.peak_in_queue.max(flow.in_queue);
+                        window.peak_executing = window.peak_executing.max(flow.executing);
+                    }
+                    Err(_) => client = admin.client(),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (first, last, window)
+        });
+        FlowSampler { stop, started: Instant::now(), task }
+    }
+
+    /// Stops and sums up. `restarted`: the API server started within the window, so its
+    /// counters count from zero and their last reading is the window's; otherwise the
+    /// window's is the increase from the first reading to the last.
+    async fn finish(self, restarted: bool) -> Option<FlowWindow> {
+        self.stop.store(true, Ordering::SeqCst);
+        let (first, last, mut window) = self.task.await.ok()?;
+        let (first, last) = (if restarted { FlowControl::default() } else { first? }, last?);
+        window.seconds = self.started.elapsed().as_secs_f64();
+        window.answered_429 = last.answered_429 - first.answered_429;
+        window.rejected = last.rejected - first.rejected;
+        Some(window)
+    }
+}
+
 async fn scale_run(bench: &mut Bench, m: usize, n: usize, storm: bool) -> anyhow::Result<(ScaleRun, Option<Storm>)> {
     bench.run += 1;
     let ns = format!("scale-{m}-{}", bench.run);
@@ -204,6 +252,9 @@ async fn scale_run(bench: &mut Bench, m: usize, n: usize, storm: bool) -> anyhow
     Ok((run, storm))
 }
 
+/// The quiet window before the relist storm's kill.
+const FLOW_BEFORE_S: u64 = 10;
+
 async fn relist_storm(
     bench: &mut Bench,
     agents: &[AgentProcess],
@@ -211,8 +262,13 @@ async fn relist_storm(
     nodes: &[String],
     objects: usize,
 ) -> anyhow::Result<Storm> {
+    // A quiet window first, the agents connected and idle: the flow control's steady state.
+    let before = FlowSampler::start(bench.cluster.admin.clone());
+    tokio::time::sleep(Duration::from_secs(FLOW_BEFORE_S)).await;
+    let flow_before = before.finish(false).await;
     let rss_before_mib = proc_status_kib(bench.common.pid("kube-apiserver"), "VmRSS:") as f64 / 1024.0;
     let (peaks, stop) = sample_apiserver(bench);
+    let during = FlowSampler::start(bench.cluster.admin.clone());
     let killed = Instant::now();
     let cp_dir = bench.common.cp_dir.clone().unwrap_or_default();
     tokio::task::spawn_blocking(move || portassign_testkit::cluster::restart_control_plane(&cp_dir, "KILL")).await?;
@@ -247,6 +303,7 @@ async fn relist_storm(
     let until = killed + Duration::from_secs(30) + Duration::from_secs_f64(api_back_s);
     tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
     stop.store(true, Ordering::SeqCst);
+    let flow_storm = during.finish(true).await;
     let cpu_30s = bench.common.cpu("kube-apiserver") - cpu0;
     let (peak_cores, peak_rss_mib) = *peaks.lock().expect("lock");
 
@@ -270,6 +327,8 @@ async fn relist_storm(
         cpu_30s,
         peak_rss_mib,
         rss_before_mib,
+        flow_before,
+        flow_storm,
         check_exit: output.status.code().unwrap_or(-1),
         check_summary: stdout.lines().last().unwrap_or("no output").to_owned(),
     };

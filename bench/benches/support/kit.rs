@@ -59,6 +59,11 @@ impl Common {
         self.pid(name).map(cpu_seconds).unwrap_or_default()
     }
 
+    /// The same in nanoseconds' precision ([`thread_cpu_seconds`]).
+    pub fn thread_cpu(&self, name: &str) -> f64 {
+        self.pid(name).map(thread_cpu_seconds).unwrap_or_default()
+    }
+
     /// Writes `value` as JSON to `--out` (or prints it).
     pub fn write<T: serde::Serialize>(&self, value: &T) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(value)?;
@@ -268,6 +273,46 @@ pub async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, 
     Ok(counts)
 }
 
+/// kube-apiserver's flow control at one moment (its `/metrics`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowControl {
+    /// Requests answered 429 since the process started.
+    pub answered_429: f64,
+    /// Requests API Priority and Fairness rejected since the process started.
+    pub rejected: f64,
+    /// Requests waiting in its queues now.
+    pub in_queue: f64,
+    /// Requests executing now, the exempt priority level (where this very read runs) left out.
+    pub executing: f64,
+}
+
+/// Reads [`FlowControl`] from kube-apiserver's `/metrics`.
+pub async fn flow_control(client: &Client) -> anyhow::Result<FlowControl> {
+    let request = ::http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await.context("reading kube-apiserver /metrics")?;
+    Ok(parse_flow_control(&text))
+}
+
+/// [`FlowControl`] from a Prometheus text exposition.
+pub fn parse_flow_control(text: &str) -> FlowControl {
+    let mut flow = FlowControl::default();
+    for line in text.lines() {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let (name, labels) = name_labels.split_once('{').unwrap_or((name_labels, ""));
+        match name {
+            "apiserver_request_total" if labels.contains("code=\"429\"") => flow.answered_429 += value,
+            "apiserver_flowcontrol_rejected_requests_total" => flow.rejected += value,
+            "apiserver_flowcontrol_current_inqueue_requests" => flow.in_queue += value,
+            "apiserver_flowcontrol_current_executing_requests" if !labels.contains("priority_level=\"exempt\"") => {
+                flow.executing += value
+            }
+            _ => {}
+        }
+    }
+    flow
+}
+
 /// User + system CPU seconds of a process so far (0 when it cannot be read).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
@@ -277,6 +322,21 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds a process's threads have run so far, in nanoseconds' precision: the sum
+/// of the first field of `/proc/<pid>/task/*/schedstat` (0 when it cannot be read).
+/// `/proc/<pid>/stat` counts in 10 ms ticks, too coarse for a window of a few dozen
+/// writes of a few milliseconds each; a thread that exits takes its time with it, so
+/// this is for windows over which the process keeps its threads (Go's do).
+pub fn thread_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    nanos as f64 / 1e9
 }
 
 /// A `kB` line of `/proc/<pid>/status`, such as `VmHWM:` (0 when it cannot be read).

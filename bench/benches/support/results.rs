@@ -301,10 +301,38 @@ pub struct Storm {
     pub peak_rss_mib: f64,
     /// kube-apiserver RSS just before the kill.
     pub rss_before_mib: f64,
+    /// kube-apiserver's flow control over a quiet window just before the kill (the same
+    /// agents connected): what a steady state looks like.
+    #[serde(default)]
+    pub flow_before: Option<FlowWindow>,
+    /// The same over the 30 s after the restart (its counters start again with the
+    /// process, so they count the whole storm).
+    #[serde(default)]
+    pub flow_storm: Option<FlowWindow>,
     /// `portassign check` over every agent afterwards: its exit code and last line.
     pub check_exit: i32,
     /// See `check_exit`.
     pub check_summary: String,
+}
+
+/// kube-apiserver's flow control over a window, from its `/metrics` sampled every 250 ms.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FlowWindow {
+    /// The window's length.
+    pub seconds: f64,
+    /// Samples read (a sample fails while the API server is down).
+    pub samples: usize,
+    /// Requests answered 429 Too Many Requests (`apiserver_request_total{code="429"}`).
+    pub answered_429: f64,
+    /// Requests API Priority and Fairness rejected
+    /// (`apiserver_flowcontrol_rejected_requests_total`).
+    pub rejected: f64,
+    /// The most requests waiting in its queues at once
+    /// (`apiserver_flowcontrol_current_inqueue_requests`, all priority levels).
+    pub peak_in_queue: f64,
+    /// The most requests executing at once outside the exempt priority level
+    /// (`apiserver_flowcontrol_current_executing_requests`).
+    pub peak_executing: f64,
 }
 
 /// One agent whose status writes are all refused (RBAC), at the default retry cap.
