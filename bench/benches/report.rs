@@ -784,15 +784,29 @@ fn scale_section(md: &mut String, s: &Scale) {
                  and executing at once (`apiserver_flowcontrol_current_inqueue_requests`, \
                  `apiserver_flowcontrol_current_executing_requests` outside the exempt level). **Before**: the \
                  same agents connected and idle, just before the kill; **storm**: from the kill to 30 s after \
-                 the restart (the restarted server's counters start at zero, so they count all of it).\n"
+                 the restart (the restarted server's counters start at zero, so they count all of it). A watch \
+                 that reaches the restarted server before its watch cache of PortAssignments is filled from etcd \
+                 is answered 429 with a `Retry-After` of at least 1 s (k8s.io/apiserver v0.36.3, \
+                 `pkg/storage/cacher/cacher.go` `Watch`); kube-client's default retry layer waits as told and \
+                 asks again, so WATCH 429s are agents waiting for that cache, not work refused.\n"
             );
-            let _ = writeln!(md, "| window | length | reads | 429s | APF rejected | peak in queue | peak executing |");
-            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                md,
+                "| window | length | reads | 429s | 429s by request | APF rejected | peak in queue | peak executing |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---|---:|---:|---:|");
             for (name, w) in [("before", before), ("storm", during)] {
+                let by: Vec<String> = w.answered_429_by.iter().map(|(r, n)| format!("{r}: {n:.0}")).collect();
                 let _ = writeln!(
                     md,
-                    "| {name} | {:.1} s | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
-                    w.seconds, w.samples, w.answered_429, w.rejected, w.peak_in_queue, w.peak_executing
+                    "| {name} | {:.1} s | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
+                    w.seconds,
+                    w.samples,
+                    w.answered_429,
+                    if by.is_empty() { "–".to_owned() } else { by.join(", ") },
+                    w.rejected,
+                    w.peak_in_queue,
+                    w.peak_executing
                 );
             }
             let _ = writeln!(md);

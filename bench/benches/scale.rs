@@ -164,11 +164,11 @@ impl FlowSampler {
             while !flag.load(Ordering::SeqCst) {
                 match flow_control(&client).await {
                     Ok(flow) => {
-                        first.get_or_insert(flow);
-                        last = Some(flow);
                         window.samples += 1;
                         window.peak_in_queue = window.peak_in_queue.max(flow.in_queue);
                         window.peak_executing = window.peak_executing.max(flow.executing);
+                        first.get_or_insert_with(|| flow.clone());
+                        last = Some(flow);
                     }
                     Err(_) => client = admin.client(),
                 }
@@ -188,6 +188,12 @@ impl FlowSampler {
         let (first, last) = (if restarted { FlowControl::default() } else { first? }, last?);
         window.seconds = self.started.elapsed().as_secs_f64();
         window.answered_429 = last.answered_429 - first.answered_429;
+        window.answered_429_by = last
+            .answered_429_by
+            .iter()
+            .map(|(request, n)| (request.clone(), n - first.answered_429_by.get(request).copied().unwrap_or(0.0)))
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
         window.rejected = last.rejected - first.rejected;
         Some(window)
     }

@@ -274,10 +274,12 @@ pub async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, 
 }
 
 /// kube-apiserver's flow control at one moment (its `/metrics`).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct FlowControl {
     /// Requests answered 429 since the process started.
     pub answered_429: f64,
+    /// The same by "VERB resource".
+    pub answered_429_by: BTreeMap<String, f64>,
     /// Requests API Priority and Fairness rejected since the process started.
     pub rejected: f64,
     /// Requests waiting in its queues now.
@@ -301,7 +303,15 @@ pub fn parse_flow_control(text: &str) -> FlowControl {
         let Ok(value) = value.parse::<f64>() else { continue };
         let (name, labels) = name_labels.split_once('{').unwrap_or((name_labels, ""));
         match name {
-            "apiserver_request_total" if labels.contains("code=\"429\"") => flow.answered_429 += value,
+            "apiserver_request_total" if labels.contains("code=\"429\"") => {
+                flow.answered_429 += value;
+                let label = |name: &str| {
+                    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                    labels[start..].split('"').next()
+                };
+                let request = format!("{} {}", label("verb").unwrap_or("?"), label("resource").unwrap_or("?"));
+                *flow.answered_429_by.entry(request).or_default() += value;
+            }
             "apiserver_flowcontrol_rejected_requests_total" => flow.rejected += value,
             "apiserver_flowcontrol_current_inqueue_requests" => flow.in_queue += value,
             "apiserver_flowcontrol_current_executing_requests" if !labels.contains("priority_level=\"exempt\"") => {

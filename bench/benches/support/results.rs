@@ -324,6 +324,9 @@ pub struct FlowWindow {
     pub samples: usize,
     /// Requests answered 429 Too Many Requests (`apiserver_request_total{code="429"}`).
     pub answered_429: f64,
+    /// The same by "VERB resource".
+    #[serde(default)]
+    pub answered_429_by: std::collections::BTreeMap<String, f64>,
     /// Requests API Priority and Fairness rejected
     /// (`apiserver_flowcontrol_rejected_requests_total`).
     pub rejected: f64,
