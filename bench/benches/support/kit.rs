@@ -241,22 +241,33 @@ pub async fn metric(agent: &AgentProcess, name: &str, labels: &str) -> Option<f6
     Some(samples.filter(|l| l.contains(labels)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum())
 }
 
+/// One sample line of a Prometheus text exposition: its name, labels and value (`None`
+/// for comments and lines that do not parse).
+pub fn sample_line(line: &str) -> Option<(&str, HashMap<&str, &str>, f64)> {
+    let (name_labels, value) = line.rsplit_once(' ')?;
+    let value = value.trim().parse::<f64>().ok()?;
+    let (name, labels) = match name_labels.split_once('{') {
+        Some((name, labels)) => (name, labels.strip_suffix('}')?),
+        None => (name_labels, ""),
+    };
+    let labels = labels
+        .split("\",")
+        .filter_map(|pair| pair.split_once("=\""))
+        .map(|(k, v)| (k, v.trim_end_matches('"')))
+        .collect();
+    Some((name, labels, value))
+}
+
 /// `apiserver_request_total` for PortAssignments and Events, summed by
 /// "VERB resource[/subresource]" plus the code when it is not 2xx.
 pub async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, u64>> {
     let request = ::http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(request).await.context("reading kube-apiserver /metrics")?;
     let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Some((labels, value)) = line.strip_prefix("apiserver_request_total{").and_then(|r| r.rsplit_once("} "))
-        else {
+    for (name, labels, value) in text.lines().filter_map(sample_line) {
+        if name != "apiserver_request_total" {
             continue;
-        };
-        let labels: HashMap<&str, &str> = labels
-            .split("\",")
-            .filter_map(|pair| pair.split_once("=\""))
-            .map(|(k, v)| (k, v.trim_end_matches('"')))
-            .collect();
+        }
         let resource = labels.get("resource").copied().unwrap_or_default();
         if resource != "portassignments" && resource != "events" {
             continue;
@@ -268,7 +279,7 @@ pub async fn request_counts(client: &Client) -> anyhow::Result<BTreeMap<String, 
         if let Some(code) = labels.get("code").filter(|c| !c.starts_with('2')) {
             key = format!("{key} {code}");
         }
-        *counts.entry(key).or_insert(0) += value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        *counts.entry(key).or_insert(0) += value as u64;
     }
     Ok(counts)
 }
@@ -298,23 +309,16 @@ pub async fn flow_control(client: &Client) -> anyhow::Result<FlowControl> {
 /// [`FlowControl`] from a Prometheus text exposition.
 pub fn parse_flow_control(text: &str) -> FlowControl {
     let mut flow = FlowControl::default();
-    for line in text.lines() {
-        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
-        let (name, labels) = name_labels.split_once('{').unwrap_or((name_labels, ""));
+    for (name, labels, value) in text.lines().filter_map(sample_line) {
+        let label = |name: &str| labels.get(name).copied().unwrap_or("?");
         match name {
-            "apiserver_request_total" if labels.contains("code=\"429\"") => {
+            "apiserver_request_total" if label("code") == "429" => {
                 flow.answered_429 += value;
-                let label = |name: &str| {
-                    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
-                    labels[start..].split('"').next()
-                };
-                let request = format!("{} {}", label("verb").unwrap_or("?"), label("resource").unwrap_or("?"));
-                *flow.answered_429_by.entry(request).or_default() += value;
+                *flow.answered_429_by.entry(format!("{} {}", label("verb"), label("resource"))).or_default() += value;
             }
             "apiserver_flowcontrol_rejected_requests_total" => flow.rejected += value,
             "apiserver_flowcontrol_current_inqueue_requests" => flow.in_queue += value,
-            "apiserver_flowcontrol_current_executing_requests" if !labels.contains("priority_level=\"exempt\"") => {
+            "apiserver_flowcontrol_current_executing_requests" if label("priority_level") != "exempt" => {
                 flow.executing += value
             }
             _ => {}
